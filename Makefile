@@ -1,0 +1,59 @@
+# GameNGen-Mini. `make demo` and `make test` do all the set-up on a fresh machine.
+PY := .venv/bin/python
+VENV_OK := .venv/.installed
+
+.PHONY: demo test lint format bench data train-cpu train-gpu clean
+
+# The shipped model's data. A scripted ball-tracking agent with 10% and 25% held random
+# actions gives rallies and points on both sides; a DQN trained for minutes on a CPU (close
+# to random) adds clumsy play. The held-out set uses a seed and an epsilon never trained on.
+DATA := data/pong_tracker_e10,data/pong_tracker_e25,data/pong_dqn
+HELDOUT := data/pong_heldout
+RECORD := $(PY) generate_dataset.py --frame-size 96 --max-episode-frames 2500 --workers 2
+
+$(VENV_OK): requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -r requirements.txt
+	touch $(VENV_OK)
+
+demo: $(VENV_OK)
+	$(PY) demo.py
+
+test: $(VENV_OK)
+	$(PY) -m pytest -q tests
+
+lint: $(VENV_OK)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: $(VENV_OK)
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+bench: $(VENV_OK)
+	$(PY) bench.py
+
+# Recording needs gymnasium + ale-py (and SB3 for the DQN); it resumes, so re-running is cheap.
+data: $(VENV_OK)
+	$(RECORD) --agent tracker --epsilon 0.25 --episodes 24 --seed 0 --out data/pong_tracker_e25
+	$(RECORD) --agent tracker --epsilon 0.10 --episodes 24 --seed 5000 --out data/pong_tracker_e10
+	$(RECORD) --agent dqn --epsilon 0.25 --episodes 12 --seed 1000 --out data/pong_dqn
+	$(RECORD) --agent tracker --epsilon 0.15 --episodes 6 --seed 90000 --out $(HELDOUT) --max-episode-frames 1500 --workers 1
+
+# The shipped model, trained on this repository's 2-core CPU machine (about 75 minutes).
+VAE_DATA := data/pong_tracker_e25,data/pong_tracker_e10
+train-cpu: $(VENV_OK)
+	$(PY) train.py vae --preset cpu --data $(VAE_DATA) --out runs/vae_cpu $$(test -f runs/vae_cpu/ckpt.pt && echo --resume)
+	$(PY) train.py dit --preset cpu --data $(DATA) --vae runs/vae_cpu --out runs/dit_cpu $$(test -f runs/dit_cpu/ckpt.pt && echo --resume)
+	$(PY) bundle.py --dit runs/dit_cpu --out checkpoints
+
+# The same recipe with the gpu presets, on one GPU, from recorded data (make data first, on any machine).
+# Each stage resumes from its checkpoint if present. PY=python3 on a machine without .venv.
+train-gpu:
+	$(PY) train.py vae --preset gpu --data $(DATA) --out runs/vae $$(test -f runs/vae/ckpt.pt && echo --resume)
+	$(PY) train.py dit --preset gpu --data $(DATA) --vae runs/vae --out runs/dit $$(test -f runs/dit/ckpt.pt && echo --resume)
+	$(PY) bundle.py --dit runs/dit --out checkpoints
+
+clean:
+	rm -rf .venv runs data

@@ -1,0 +1,241 @@
+"""Benchmarks of the model pieces, run as a script (figures go to the README, with the command).
+
+    python bench.py --what forward                  # DiT "S" forward on this CPU (about a minute)
+    python bench.py --what forward --preset tiny    # smoke run, seconds
+    python bench.py --what forward --device cuda --dtype bfloat16   # one GPU
+    python bench.py --what vae                      # VAE encode/decode ms per 96x96 frame, batch 1
+
+--what forward: full-window DiT forward throughput (tokens/s, frames/s) at each batch
+size, and the generation step: forward_cached of one new frame against `context`
+cached frames versus the naive full-window forward, plus the per-frame cost of
+committing a finished frame and trimming the cache.
+--what vae: encode and decode time of one 96x96 frame for every config in VAE_CONFIGS.
+--what generate: end-to-end generation frames/s (DiT + VAE decode, uint8 frames out) of
+generate.WorldModel in steady state (window full): the naive sampler that re-runs the whole
+window at every denoising step (Oasis's loop) against the KV-cached one, same run, with ratios.
+    python bench.py --what generate                       # the bundled model, batch 1 and 8
+    python bench.py --what generate --device cuda --gen-batches 1,64,256,1024
+--what train: DiT training throughput (samples/s, tokens/s; MFU on CUDA) at --model size.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import statistics
+import time
+
+import torch
+
+from dit import DEFAULT_MODEL, DiT_models
+from utils import arg, die, parse_config, seed_everything
+from uvit_vae import VAE_CONFIGS, build_vae
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    what: str = arg("forward", "which benchmark to run", choices=["forward", "vae", "generate", "train"])
+    ckpt: str = arg("", "generate: DiT checkpoint (default: the bundled one, else a random --model with pong_cpu)")
+    steps: int = arg(4, "generate: DDIM steps per frame")
+    gen_frames: int = arg(24, "generate: timed frames per measurement, after the window is full")
+    gen_batches: str = arg("1,8", "generate: comma-separated batch sizes")
+    train_batch: int = arg(16, "train: windows per step")
+    model: str = arg(DEFAULT_MODEL, "DiT size from dit.DiT_models", choices=sorted(DiT_models))
+    frames: int = arg(16, "frames per window T for the full forward")
+    batches: str = arg("1,32", "comma-separated batch sizes for the full forward")
+    context: int = arg(15, "cached frames in front of the single new frame")
+    warmup: int = arg(2, "untimed calls before timing")
+    repeats: int = arg(5, "timed calls; the median is reported")
+    threads: int = arg(0, "torch CPU threads (0: torch's default)")
+    device: str = arg("cpu", "cpu or cuda")
+    dtype: str = arg("float32", "float32, or bfloat16 under autocast", choices=["float32", "bfloat16"])
+    seed: int = arg(0, "random seed for weights and inputs")
+
+
+PRESETS = {"tiny": dict(model="tiny", frames=4, batches="1,2", context=3, warmup=1, repeats=2)}
+
+
+def timeit(fn, cfg):
+    """Median wall time of fn() in seconds, after cfg.warmup untimed calls."""
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
+    for _ in range(cfg.warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(cfg.repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def autocast(cfg):
+    if cfg.dtype == "bfloat16":
+        return torch.autocast(device_type=cfg.device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def random_inputs(model, b, t, device):
+    x = torch.randn(b, t, model.in_channels, model.input_h, model.input_w, device=device)
+    ts = torch.randint(0, 1000, (b, t), device=device)
+    a = torch.nn.functional.one_hot(torch.randint(0, model.action_dim, (b, t), device=device), model.action_dim)
+    return x, ts, a.float()
+
+
+def bench_forward(cfg):
+    """DiT forward throughput, and the cached single-frame step against the full-window forward."""
+    model = DiT_models[cfg.model]().to(cfg.device).eval()
+    tokens_per_frame = model.grid_h * model.grid_w
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"DiT-{cfg.model}: {n_params / 1e6:.2f}M params, {tokens_per_frame} tokens/frame, device {cfg.device}")
+    print(f"threads {torch.get_num_threads()}, dtype {cfg.dtype}, median of {cfg.repeats} after {cfg.warmup} warmup")
+    results = {}
+    with torch.inference_mode(), autocast(cfg):
+        for b in [int(s) for s in cfg.batches.split(",")]:
+            x, t, a = random_inputs(model, b, cfg.frames, cfg.device)
+            sec = timeit(lambda x=x, t=t, a=a: model(x, t, a), cfg)
+            fps = b * cfg.frames / sec
+            results[f"forward_b{b}"] = sec
+            print(
+                f"full forward  B={b:<3} T={cfg.frames}: {sec * 1e3:9.1f} ms  "
+                f"{fps * tokens_per_frame:10.0f} tokens/s  {fps:8.1f} frames/s"
+            )
+
+        # generation step: one new frame against `context` cached frames, batch 1
+        n = cfg.context
+        x, t, a = random_inputs(model, 1, n + 1, cfg.device)
+        cache = model.new_cache()
+        model.forward_cached(x[:, :n], t[:, :n], a[:, :n], cache, commit=True)
+        step = timeit(lambda: model.forward_cached(x[:, n:], t[:, n:], a[:, n:], cache), cfg)
+        naive = timeit(lambda: model(x, t, a), cfg)
+        results.update(cached_step=step, window_forward=naive)
+        print(f"cached step   B=1 n=1 after {n} frames: {step * 1e3:9.2f} ms")
+        print(f"naive window  B=1 T={n + 1}:            {naive * 1e3:9.2f} ms   ({naive / step:.1f}x the cached step)")
+
+        # once per generated frame: commit it, then trim the window back to `context` frames
+        def commit_and_trim(exact):
+            model.forward_cached(x[:, n:], t[:, n:], a[:, n:], cache, commit=True)
+            model.trim_cache(cache, n, exact=exact)
+
+        for exact in (False, True):
+            sec = timeit(lambda exact=exact: commit_and_trim(exact), cfg)
+            results[f"commit_trim_{'exact' if exact else 'streaming'}"] = sec
+            how = "exact (re-encode window)" if exact else "streaming (drop K/V)"
+            print(f"commit + trim, {how}: {sec * 1e3:9.2f} ms per generated frame")
+    return results
+
+
+def bench_vae(cfg):
+    """Encode and decode time of one 96x96 frame (12x12x4 latent) at batch 1, for each VAE config."""
+    print(f"device {cfg.device}, threads {torch.get_num_threads()}, median of {cfg.repeats} after {cfg.warmup} warmup")
+    results = {}
+    with torch.inference_mode(), autocast(cfg):
+        for name in VAE_CONFIGS:
+            vae = build_vae(name).to(cfg.device).eval()
+            x = torch.rand(1, 3, 96, 96, device=cfg.device) * 2 - 1
+            z = torch.randn(1, 4, 12, 12, device=cfg.device)
+            enc = timeit(functools.partial(vae.encode, x), cfg)
+            dec = timeit(functools.partial(vae.decode, z), cfg)
+            results[name] = dict(encode=enc, decode=dec)
+            n_params = sum(p.numel() for p in vae.parameters())
+            print(f"{name:>10}: {n_params / 1e6:6.2f}M params  encode {enc * 1e3:8.1f} ms  decode {dec * 1e3:8.1f} ms")
+    return results
+
+
+def load_engine_parts(cfg):
+    """(dit, vae, latent_scale, name) from --ckpt, the bundled checkpoint, or random weights."""
+    import os
+
+    import generate
+
+    path = cfg.ckpt or (generate.DEFAULT_CKPT if os.path.isfile(generate.DEFAULT_CKPT) else "")
+    if path:
+        dit, config = generate.load_dit(path, cfg.device)
+        vae = generate.load_vae(generate.find_vae(path, config), cfg.device)
+        return dit, vae, config["latent_scale"], path
+    dit = DiT_models[cfg.model](max_frames=cfg.frames).to(cfg.device).eval()
+    return dit, build_vae("pong_cpu").to(cfg.device).eval(), 1.0, f"random DiT-{cfg.model} + pong_cpu VAE"
+
+
+def bench_generate(cfg):
+    """Generation frames/s, end to end: naive window re-run vs KV cache (exact, chunk, stream windows)."""
+    import numpy as np
+
+    import generate
+
+    dit, vae, scale, name = load_engine_parts(cfg)
+    size = dit.input_h * 8
+    print(
+        f"model: {name}; {dit.max_frames}-frame window, {cfg.steps} DDIM steps, {size}x{size} frames, "
+        f"device {cfg.device}, threads {torch.get_num_threads()}, dtype {cfg.dtype}"
+    )
+    variants = [
+        ("naive", False, "exact"),
+        ("cached exact", True, "exact"),
+        ("cached chunk", True, "chunk"),
+        ("cached stream", True, "stream"),
+    ]
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
+    results = {}
+    for b in [int(x) for x in cfg.gen_batches.split(",")]:
+        prompt = np.zeros((b, 1, size, size, 3), np.uint8)
+        actions = torch.randint(0, 6, (b,), device=cfg.device)
+        for label, cached, window in variants:
+            eng = generate.WorldModel(dit, vae, scale, cfg.device, steps=cfg.steps, cached=cached, window=window)
+            with autocast(cfg):
+                eng.reset(prompt)
+                for _ in range(dit.max_frames + cfg.warmup):  # fill the window, then warm up
+                    eng.step(actions)
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(cfg.gen_frames):
+                    eng.step(actions).cpu()
+                sync()
+            fps = b * cfg.gen_frames / (time.perf_counter() - t0)
+            results[(b, label)] = fps
+            ratio = fps / results[(b, "naive")]
+            print(f"batch {b:<5} {label:<14} {fps:9.1f} frames/s  ({ratio:4.1f}x naive)")
+    return results
+
+
+def bench_train(cfg):
+    """Training throughput of the DiT: forward + backward + AdamW on random latents."""
+    from dit import flops_per_frame
+
+    model = DiT_models[cfg.model](max_frames=cfg.frames).to(cfg.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cfg.device.startswith("cuda"))
+    x, t, a = random_inputs(model, cfg.train_batch, cfg.frames, cfg.device)
+
+    def step():
+        with autocast(cfg):
+            loss = model(x, t, a).float().square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sec = timeit(step, cfg)
+    samples = cfg.train_batch / sec
+    tokens = samples * cfg.frames * model.grid_h * model.grid_w
+    flops = 3 * flops_per_frame(model) * cfg.frames * samples
+    line = f"DiT-{cfg.model} train, batch {cfg.train_batch}x{cfg.frames} frames: {sec * 1e3:.1f} ms/step, "
+    line += f"{samples:.1f} samples/s, {tokens:,.0f} tokens/s, {flops / 1e12:.2f} TFLOP/s"
+    if cfg.device.startswith("cuda"):
+        line += f", MFU {flops / 989e12:.1%} of H100/H200 dense bf16"
+    print(line)
+    return {"ms": sec * 1e3, "samples_s": samples, "tokens_s": tokens, "flops": flops}
+
+
+BENCHES = {"forward": bench_forward, "vae": bench_vae, "generate": bench_generate, "train": bench_train}
+
+
+def main(cfg):
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        die("--device cuda but torch sees no GPU")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    return BENCHES[cfg.what](cfg)
+
+
+if __name__ == "__main__":
+    main(parse_config(BenchConfig, presets=PRESETS, description=__doc__.splitlines()[0]))

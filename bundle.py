@@ -1,0 +1,82 @@
+"""Export a trained DiT and its VAE as small fp16 checkpoints that ship with the repository.
+
+    python bundle.py --dit runs/dit --out checkpoints
+
+With --samples-from EPISODE.npz (a recorded episode) it also writes sample_data/:
+prompt.png (frame --samples-start), actions_rally.pt (the recorded actions from there),
+actions_up.pt / actions_down.pt (RIGHT / LEFT held) and heldout_episode.npz (a copy).
+
+Writes OUT/pong_dit.pt and OUT/pong_vae.pt (EMA weights in fp16, no optimizer
+state). The DiT file records the VAE by its file name, so generate.py finds it
+beside it. Both load with torch.load(weights_only=True).
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+import utils
+from utils import arg
+
+
+@dataclass
+class BundleConfig:
+    dit: str = arg("runs/dit", "DiT run dir or ckpt.pt")
+    vae: str = arg("", "VAE ckpt; default: the one the DiT checkpoint records")
+    out: str = arg("checkpoints", "output directory")
+    samples_from: str = arg("", "recorded episode .npz to cut sample_data/ from (empty: skip)")
+    samples_start: int = arg(200, "frame of that episode used as the prompt")
+    samples_len: int = arg(240, "actions per sample file")
+
+
+def slim(ckpt):
+    """EMA weights only, in fp16; the optimizer and raw weights are dropped."""
+    ema = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt["ema"].items()}
+    return {"ema": ema, "step": ckpt["step"], "config": ckpt["config"], "version": ckpt["version"]}
+
+
+def write_samples(cfg, out_dir="sample_data"):
+    import shutil
+
+    import cv2
+
+    import dataset
+
+    ep = dataset.load_episode(cfg.samples_from)
+    k, n = cfg.samples_start, cfg.samples_len
+    os.makedirs(out_dir, exist_ok=True)
+    cv2.imwrite(os.path.join(out_dir, "prompt.png"), cv2.cvtColor(ep["frames"][k], cv2.COLOR_RGB2BGR))
+    files = {
+        "actions_rally.pt": torch.from_numpy(ep["actions"][k : k + n].copy()),
+        "actions_up.pt": torch.full((n,), utils.ACTION_NAMES.index("RIGHT")),
+        "actions_down.pt": torch.full((n,), utils.ACTION_NAMES.index("LEFT")),
+    }
+    for name, a in files.items():
+        utils.atomic_torch_save(a, os.path.join(out_dir, name))
+    shutil.copyfile(cfg.samples_from, os.path.join(out_dir, "heldout_episode.npz"))
+    print(f"wrote {out_dir}/: prompt.png (frame {k} of {cfg.samples_from}), {', '.join(files)}, heldout_episode.npz")
+
+
+def main(cfg):
+    if cfg.samples_from:
+        write_samples(cfg)
+        if not os.path.exists(cfg.dit):
+            return
+    from generate import find_vae
+
+    dit_path = os.path.join(cfg.dit, "ckpt.pt") if os.path.isdir(cfg.dit) else cfg.dit
+    dit = utils.load_checkpoint(dit_path, kind="dit")
+    vae_path = find_vae(dit_path, dit["config"], cfg.vae)
+    vae = utils.load_checkpoint(vae_path, kind="vae")
+    out_vae, out_dit = os.path.join(cfg.out, "pong_vae.pt"), os.path.join(cfg.out, "pong_dit.pt")
+    utils.atomic_torch_save(slim(vae), out_vae)
+    small = slim(dit)
+    small["config"] = {**small["config"], "vae_path": "pong_vae.pt"}
+    utils.atomic_torch_save(small, out_dit)
+    for p in (out_vae, out_dit):
+        print(f"wrote {p}: {os.path.getsize(p) / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main(utils.parse_config(BundleConfig, description=__doc__.splitlines()[0]))

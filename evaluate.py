@@ -1,0 +1,494 @@
+"""How close is the generated game to the real one? Metrics on held-out recorded episodes.
+
+CPU smoke run (seconds; what the tests use; --quick is short for --preset quick):
+    python evaluate.py --ckpt runs/dit/ckpt.pt --data data/heldout --out runs/eval --quick
+One GPU (every held-out episode, 64 rollouts of 64 frames):
+    python evaluate.py --ckpt runs/dit/ckpt.pt --data data/heldout --out runs/eval
+Choose the sampler's defaults by measurement:
+    python evaluate.py --ckpt runs/dit/ckpt.pt --data data/heldout --sweep-steps 1,2,4,8 --sweep-context-noise 0,50,100
+
+Record the held-out set with a seed and epsilon never used for training (see generate_dataset.py --help).
+Writes OUT/metrics.json (every number, with the config, checkpoint, device and counts; null
+where a metric cannot be computed, the reason under "null_reasons") and OUT/metrics.png
+(PSNR and object position errors against the rollout horizon).
+
+Actions: actions[k] is taken after frame k and leads to frame k+1. A rollout from start s is
+prompted with the real frames s-P+1..s and the actions between them; step k = 1..H feeds
+actions[s+k-1], and its frame is compared with real frame s+k. Teacher forcing is the same
+with P = --context and H = 1.
+
+Score changes are found the same way in real and generated frames, without the recorded
+rewards. "score_events": a point at frame k when the ball was seen at k-1 within 15% of the
+width from the left or right edge and is gone at k, k+1 and k+2 (after a point the real game
+hides the ball for ~15 frames), scored by the player if it left on the left. "score_digits":
+the score digits (the rows above the top wall) change between k-1 and k and then stay put
+for 2 frames; the half that changed says who scored. A generated event matches a real one
+with the same scorer within +-2 frames (one-to-one); precision = matched / generated events,
+recall = matched / real events, over all rollouts. On recorded episodes both detectors find
+every recorded reward within +-2 frames and nothing else but the reset frame (tests/test_evaluate.py).
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import generate
+import utils
+from utils import arg
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = arg(generate.DEFAULT_CKPT, "DiT checkpoint (train.py dit, or the bundled one)")
+    vae: str = arg("", "VAE checkpoint; default: the one the DiT checkpoint records")
+    data: str = arg("data/heldout", "held-out recorded episodes (a seed and epsilon never used for training)")
+    out: str = arg("runs/eval", "output directory: metrics.json, metrics.png")
+    steps: int = arg(4, "DDIM denoising steps per frame")
+    context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
+    context: int = arg(0, "real context frames for teacher forcing and controllability; 0 = the model's max_frames-1")
+    prompt: int = arg(0, "real prompt frames before each autoregressive rollout; 0 = --context")
+    rollouts: int = arg(64, "autoregressive rollouts, start points spread evenly over the held-out episodes")
+    horizon: int = arg(64, "frames generated per rollout")
+    horizons: str = arg("1,8,16,32,64", "rollout steps at which metrics are reported (those <= --horizon)")
+    tf_frames: int = arg(256, "teacher-forced target frames, spread evenly over the held-out episodes")
+    vae_frames: int = arg(512, "real frames for the VAE reconstruction metrics")
+    control_frames: int = arg(8, "controllability: frames generated with up or down held")
+    speed_frames: int = arg(64, "frames timed at batch 1 for the speed figure")
+    sweep_steps: str = arg("", "comma-separated DDIM step counts to sweep, e.g. 1,2,4,8")
+    sweep_context_noise: str = arg("", "comma-separated context noise levels to sweep, e.g. 0,50,100")
+    batch: int = arg(32, "rollouts generated at once")
+    max_episodes: int = arg(0, "evaluate at most this many held-out episodes (0 = all)")
+    seed: int = arg(0, "random seed (start points are fixed; the sampler's noise is seeded per batch)")
+    device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
+    ema: bool = arg(True, "use the EMA weights")
+
+
+DESCRIPTION = __doc__.splitlines()[0] + " (--quick is short for --preset quick)"
+QUICK = dict(rollouts=4, horizon=8, horizons="1,4,8", tf_frames=8, vae_frames=16, control_frames=4, speed_frames=4)
+PRESETS = {"quick": {**QUICK, "batch": 4}}
+UP, DOWN = 2, 3  # RIGHT moves the player's (right, green) paddle up, LEFT down
+EDGE, GONE, TOL = 0.15, 3, 2  # score events: edge band (share of width), frames gone, match tolerance
+# why a metric is null, by a fragment of its name in metrics.json (first match wins)
+REASONS = [
+    ("ball_presence", "no real frame shows a ball"),
+    ("ball_spurious", "every real frame shows a ball"),
+    ("precision", "no point is scored in the generated rollouts"),
+    ("recall", "no point is scored in the real rollout windows"),
+    ("_px", "the object is never seen in both the real and the generated frame (of a curve: at some steps)"),
+    ("moves", "the player's paddle is not seen at the start and the end (or no start state has room to move)"),
+    ("up_above_down", "the player's paddle is not seen at the end of both rollouts"),
+]
+
+
+# -----------------------------------------------------------------------------
+# image metrics and score events
+
+
+def psnr(a, b):
+    """PSNR in dB per frame: uint8 (..., H, W, 3) -> (...)."""
+    mse = np.square(a.astype(np.float32) - b.astype(np.float32)).mean(axis=(-3, -2, -1))
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+
+
+def ssim(a, b, size=11, sigma=1.5):
+    """SSIM per frame (Wang et al. 2004: 11x11 gaussian window, 'valid' borders, mean over channels).
+
+    a, b: uint8 (..., H, W, 3) -> (...). Identical frames give exactly 1.
+    """
+    lead = a.shape[:-3]
+    x, y = (torch.from_numpy(np.asarray(v)).reshape(-1, *v.shape[-3:]).movedim(-1, 1).double() for v in (a, b))
+    size = min(size, *x.shape[-2:])
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma**2))
+    g = (g / g.sum())[None, None]  # separable: a pass along rows, then along columns
+    blur = lambda z: F.conv2d(F.conv2d(z.flatten(0, 1)[:, None], g[..., None, :]), g[..., :, None])
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my, xx, yy, xy = (blur(z) for z in (x, y, x * x, y * y, x * y))
+    vx, vy, cov = xx - mx**2, yy - my**2, xy - mx * my
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.reshape(len(x), -1).mean(1).numpy().reshape(lead)
+
+
+def score_events(frames, det, digits=False):
+    """Points scored in a sequence: uint8 (T, H, W, 3) and its detect_objects -> [(k, scorer)], 1 = the player."""
+    T, H, W = frames.shape[:3]
+    if digits:
+        top = max(1, int(24 * H / utils.ATARI_H))  # the digits sit above the top wall (raw rows 24..33)
+        d = np.abs(np.diff(frames[:, :top].astype(np.int16), axis=0)).max(-1) > 20  # (T-1, top, W)
+        left, right = d[:, :, : W // 2].sum((1, 2)), d[:, :, W // 2 :].sum((1, 2))  # right: the player's score
+        moved = left + right >= max(2, H * W // 1000)  # moved[k-1]: the digits change from frame k-1 to k
+        # a new score then stays put for GONE-1 frames, which rules out flicker in generated frames
+        keep = lambda k: moved[k - 1] and not moved[k : k + GONE - 1].any()
+        return [(k, int(right[k - 1] > left[k - 1])) for k in range(1, T - GONE + 1) if keep(k)]
+    seen, x = det["ball_present"], det["ball_xy"][:, 0]
+    events = []
+    for k in range(1, T - GONE + 1):
+        if seen[k - 1] and not seen[k : k + GONE].any() and not EDGE * W <= x[k - 1] <= (1 - EDGE) * W - 1:
+            events.append((k, int(x[k - 1] < W / 2)))  # out on the left: the player scored
+    return events
+
+
+def match_events(real, gen, tol=TOL):
+    """Greedy one-to-one matching of (k, side) events within +-tol frames -> number matched."""
+    free = list(gen)
+    for k, side in real:
+        hit = next((g for g in free if g[1] == side and abs(g[0] - k) <= tol), None)
+        if hit is not None:
+            free.remove(hit)
+    return len(gen) - len(free)
+
+
+# -----------------------------------------------------------------------------
+# data and generation
+
+
+def load_episodes(cfg, frame_size):
+    import dataset
+
+    try:
+        files = dataset.list_episodes(cfg.data)
+    except (FileNotFoundError, ValueError) as e:
+        utils.die(str(e))
+    if not files:
+        utils.die(f"--data {cfg.data}: no episode_*.npz files found")
+    eps = []
+    for f in files[: cfg.max_episodes] if cfg.max_episodes > 0 else files:
+        try:
+            ep = dataset.load_episode(f)
+        except (FileNotFoundError, ValueError) as e:  # the message names the file
+            utils.die(str(e))
+        if ep["frames"].shape[1:] != (frame_size, frame_size, 3):
+            utils.die(f"{f}: frames are {ep['frames'].shape[1:]}, the model makes ({frame_size}, {frame_size}, 3)")
+        eps.append({"frames": ep["frames"], "actions": np.asarray(ep["actions"], np.int64)})
+    return eps
+
+
+def spread(eps, lo, margin, n):
+    """n (episode, s) pairs spread evenly over every s in [lo, len - margin) of every episode."""
+    cand = [(e, s) for e, ep in enumerate(eps) for s in range(lo, len(ep["frames"]) - margin)]
+    idx = np.unique(np.linspace(0, len(cand) - 1, min(n, len(cand))).round().astype(int)) if cand else []
+    return [cand[i] for i in idx]
+
+
+def window(eps, points, offset=0, T=1, key="frames"):
+    """eps[e][key][s+offset : s+offset+T] for each (e, s) -> (R, T, ...)."""
+    return np.stack([eps[e][key][s + offset : s + offset + T] for e, s in points])
+
+
+def prompt_of(eps, points, n):
+    """WorldModel.reset's arguments: real frames s-n+1..s (R, n, H, W, 3) and the n-1 actions between them."""
+    return window(eps, points, 1 - n, n), window(eps, points, 1 - n, n - 1, "actions")
+
+
+def recorded(eps, T):
+    """The recorded actions that drive a rollout from s: actions[s..s+T-1] (actions[k] leads to frame k+1)."""
+    return lambda e, s: eps[e]["actions"][s : s + T]
+
+
+def run(engine, eps, points, n_prompt, T, actions_fn, cfg, desc):
+    """For each start (e, s): prompt with real frames s-n_prompt+1..s, generate T frames -> uint8 (R, T, H, W, 3).
+
+    actions_fn(e, s) -> (T,) actions. Batch b's noise is seeded with seed + b, so two runs
+    that differ only in their actions share the sampler's noise.
+    """
+    from tqdm import tqdm
+
+    out = []
+    bar = tqdm(total=len(points) * T, desc=desc, unit="frame", leave=False, disable=None)
+    for b, i in enumerate(range(0, len(points), cfg.batch)):
+        chunk = points[i : i + cfg.batch]
+        acts = torch.as_tensor(np.stack([actions_fn(e, s) for e, s in chunk]), device=engine.device)
+        engine.gen.manual_seed(cfg.seed + b)
+        engine.reset(*prompt_of(eps, chunk, n_prompt))
+        frames = []
+        for k in range(T):
+            frames.append(engine.step(acts[:, k]).cpu().numpy())
+            bar.update(len(chunk))
+        out.append(np.stack(frames, 1))
+    bar.close()
+    return np.concatenate(out)
+
+
+def fps_batch1(engine, eps, point, n_prompt, n):
+    """End-to-end frames/s at batch 1 (DiT + VAE decode + copy to the host), after two warm-up frames."""
+    engine.reset(*prompt_of(eps, [point], n_prompt))
+    a = torch.zeros(1, dtype=torch.long, device=engine.device)
+    for k in range(n + 2):
+        if k == 2:  # the first frames pay for lazy initialisation
+            t0 = time.perf_counter()
+        engine.step(a).cpu()
+    return n / (time.perf_counter() - t0)
+
+
+# -----------------------------------------------------------------------------
+# metric blocks
+
+
+def nanmean(x, axis=None):
+    """Mean over finite entries; NaN (-> null) where there are none, without a warning."""
+    x = np.asarray(x, np.float64)
+    ok, n = np.isfinite(x), np.isfinite(x).sum(axis)
+    return np.where(n > 0, np.where(ok, x, 0).sum(axis) / np.maximum(n, 1), np.nan)
+
+
+def share(ok, mask):
+    """Share of True in ok[mask]; NaN when the mask is empty."""
+    return float(ok[mask].mean()) if mask.any() else float("nan")
+
+
+def objects(real, gen):
+    """Detections and position errors (px) for real vs generated uint8 (..., H, W, 3) frames."""
+    dr, dg = utils.detect_objects(real), utils.detect_objects(gen)
+    err = {"ball": np.linalg.norm(dr["ball_xy"] - dg["ball_xy"], axis=-1)}  # NaN unless both have it
+    err.update({k: np.abs(dr[f"{k}_y"] - dg[f"{k}_y"]) for k in ("player", "opponent")})
+    return dr, dg, err, share(dg["ball_present"], dr["ball_present"])
+
+
+def next_frame_block(real, gen):
+    """Per-frame metrics of (N, H, W, 3) frames; ball_presence: share of real balls also seen in gen."""
+    dr, dg, err, presence = objects(real, gen)
+    m = dict(psnr=psnr(real, gen).mean(), ssim=ssim(real, gen).mean(), ball_presence=presence)
+    return {k: float(v) for k, v in m.items()} | {"ball_error_px": float(nanmean(err["ball"])), "n": len(real)}
+
+
+def rollout_block(real, gen, horizons):
+    """PSNR, object and score-event metrics of rollouts: real, gen uint8 (R, 1 + T, H, W, 3), the same start frame."""
+    p = psnr(real[:, 1:], gen[:, 1:])
+    dr, dg, err, _ = objects(real, gen)
+    has_r, has_g = dr["ball_present"][:, 1:], dg["ball_present"][:, 1:]
+    at = lambda curve: {str(k): float(curve[k - 1]) for k in horizons}  # steps count from 1
+    curves = {k: nanmean(v[:, 1:], 0) for k, v in err.items()}
+    res = {"psnr": at(p.mean(0)), "psnr_mean": float(p.mean()), "psnr_curve": p.mean(0)}
+    res |= {"ball_presence": share(has_g, has_r), "ball_spurious": share(has_g, ~has_r)}
+    res |= {f"{k}_error_px": at(c) for k, c in curves.items()}
+    res |= {"ball_error_first16_px": float(nanmean(err["ball"][:, 1:17])), "curves_px": curves}
+    for name in ("score_events", "score_digits"):
+        n_r = n_g = n_m = 0
+        for i in range(len(real)):
+            ev_r, ev_g = (
+                score_events(fr[i], {k: v[i] for k, v in d.items()}, name == "score_digits")
+                for fr, d in ((real, dr), (gen, dg))
+            )
+            n_r, n_g, n_m = n_r + len(ev_r), n_g + len(ev_g), n_m + match_events(ev_r, ev_g)
+        ratio = lambda a, b: a / b if b else float("nan")
+        res[name] = dict(precision=ratio(n_m, n_g), recall=ratio(n_m, n_r), n_real=n_r, n_generated=n_g, n_matched=n_m)
+    return res
+
+
+def control_block(engine, eps, points, ctx, K, cfg, y_range):
+    """Hold up vs down for K frames from the same real states (same noise); read the player's paddle."""
+    y = {a: run(engine, eps, points, ctx, K, lambda e, s, a=a: np.full(K, a), cfg, f"control {a}") for a in (UP, DOWN)}
+    y = {a: utils.detect_objects(v[:, -1])["player_y"] for a, v in y.items()}
+    y0, (lo, hi) = utils.detect_objects(window(eps, points)[:, 0])["player_y"], y_range
+    seen = {a: np.isfinite(y0) & np.isfinite(y[a]) for a in (UP, DOWN)}
+    with np.errstate(invalid="ignore"):
+        up, down = y[UP] <= y0 - 1, y[DOWN] >= y0 + 1
+        m = dict(frames=K, n=len(points), up_moves_up=share(up, seen[UP]), down_moves_down=share(down, seen[DOWN]))
+        # "_free": only start states >= 2 px away from the paddle's observed travel limit in that direction
+        m.update(up_moves_up_free=share(up, seen[UP] & (y0 - lo >= 2)))
+        m.update(down_moves_down_free=share(down, seen[DOWN] & (hi - y0 >= 2)))
+        m.update(up_above_down=share(y[UP] < y[DOWN], np.isfinite(y[UP]) & np.isfinite(y[DOWN])))
+    return m
+
+
+def parse_list(flag, text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        utils.die(f"--{flag} {text!r}: expected comma-separated integers, e.g. 1,2,4,8")
+
+
+def to_json(x, notes, path=""):
+    """Plain JSON types; NaN/inf -> None, with the reason recorded in notes[path]."""
+    if isinstance(x, dict):
+        return {k: to_json(v, notes, f"{path}.{k}".lstrip(".")) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [to_json(v, notes, path) for v in x]
+    if isinstance(x, (float, np.floating)):
+        if np.isfinite(x):
+            return float(x)
+        notes[path] = next((why for key, why in REASONS if key in path), "cannot be computed")
+        return None
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def plot(path, m, horizon):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks, ar = np.arange(1, horizon + 1), m["autoregressive"]
+    nan = lambda v: [np.nan if u is None else u for u in (v if isinstance(v, list) else [v])]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(ks, nan(ar["psnr_curve"]), label=f"autoregressive ({m['config']['steps']} DDIM steps)")
+    a1.axhline(nan(m["vae"]["psnr"])[0], ls="--", c="gray", label="VAE reconstruction (ceiling)")
+    a1.axhline(nan(m["teacher_forced"]["psnr"])[0], ls=":", c="k", label="teacher-forced next frame")
+    a1.set(xlabel="rollout step", ylabel="PSNR (dB)", title="PSNR vs horizon")
+    for key, label in (("ball", "ball (x, y)"), ("player", "player paddle y"), ("opponent", "opponent paddle y")):
+        a2.plot(ks, nan(ar["curves_px"][key]), marker=".", label=label)
+    a2.set(xlabel="rollout step", ylabel="position error (px)", title="Object position error vs horizon")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    utils._atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(cfg, argv=()):
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        utils.die(f"--device {cfg.device}: CUDA is not available on this machine")
+    if not os.path.isfile(cfg.ckpt):
+        utils.die(f"--ckpt {cfg.ckpt}: no such file")
+    if not os.path.isdir(cfg.data):
+        utils.die(f"--data {cfg.data}: no such directory")
+    for flag in ("rollouts", "horizon", "tf_frames", "vae_frames", "control_frames", "speed_frames", "batch"):
+        if getattr(cfg, flag) < 1:
+            utils.die(f"--{flag.replace('_', '-')} must be at least 1, found {getattr(cfg, flag)}")
+    horizons = [k for k in parse_list("horizons", cfg.horizons) if 1 <= k <= cfg.horizon] or [cfg.horizon]
+    sweeps = {"steps": parse_list("sweep-steps", cfg.sweep_steps)}
+    sweeps["context_noise"] = parse_list("sweep-context-noise", cfg.sweep_context_noise)
+    if not all(1 <= v <= 1000 for v in sweeps["steps"]) or not all(0 <= v < 1000 for v in sweeps["context_noise"]):
+        utils.die("--sweep-steps must be in 1..1000 and --sweep-context-noise in 0..999")
+    utils.seed_everything(cfg.seed)
+    ckpt = utils.load_checkpoint(cfg.ckpt, kind="dit")
+    if not cfg.ema and "model" not in ckpt:
+        utils.die(f"--no-ema: {cfg.ckpt} holds only the EMA weights")
+    ckpt_step = ckpt.get("step")
+    del ckpt
+    dit, dconf = generate.load_dit(cfg.ckpt, device, cfg.ema)
+    vae_path = generate.find_vae(cfg.ckpt, dconf, cfg.vae)
+    vae = generate.load_vae(vae_path, device)
+    make = lambda st, cn: generate.WorldModel(dit, vae, dconf["latent_scale"], device, st, cn, seed=cfg.seed)
+    engine = make(cfg.steps, cfg.context_noise)
+    max_ctx = dit.max_frames - 1
+    ctx = cfg.context or max_ctx
+    P = cfg.prompt or ctx
+    for flag, v in (("context", ctx), ("prompt", P)):
+        if not 1 <= v <= max_ctx:
+            utils.die(f"--{flag} {v}: must be in 1..{max_ctx} (the model's max_frames-1)")
+    eps = load_episodes(cfg, engine.frame_size)
+    tf_pts, ar_pts = spread(eps, ctx - 1, 1, cfg.tf_frames), spread(eps, P - 1, cfg.horizon, cfg.rollouts)
+    if not tf_pts or not ar_pts:
+        longest = max(len(ep["frames"]) for ep in eps)
+        utils.die(f"--data {cfg.data}: the longest episode has {longest} frames, a rollout needs --prompt + --horizon")
+    t_start = time.time()
+
+    # VAE reconstruction: the ceiling for everything generated
+    vae_pts = spread(eps, 0, 0, cfg.vae_frames)
+    real = window(eps, vae_pts)[:, 0]
+    chunks = np.array_split(real, -(-len(real) // 64))
+    rec = np.concatenate([engine.decode(engine.encode(c[:, None])[:, 0]).cpu().numpy() for c in chunks])
+    m_vae = next_frame_block(real, rec) | {"n_ball": int(utils.detect_objects(real)["ball_present"].sum())}
+
+    def quality(eng, label):
+        """Teacher-forced next frames and autoregressive rollouts with one sampler setting."""
+        tf = run(eng, eps, tf_pts, ctx, 1, recorded(eps, 1), cfg, f"{label} tf")[:, 0]
+        gen = run(eng, eps, ar_pts, P, cfg.horizon, recorded(eps, cfg.horizon), cfg, f"{label} rollouts")
+        real = window(eps, ar_pts, 0, cfg.horizon + 1)  # the start frame, then the frames to compare with
+        gen = np.concatenate([real[:, :1], gen], 1)
+        return next_frame_block(window(eps, tf_pts, 1)[:, 0], tf), rollout_block(real, gen, horizons), gen
+
+    m_tf, m_ar, gen = quality(engine, "main")
+    # the same rollouts (same noise) with each rollout's actions permuted: how much do the actions matter?
+    rng = np.random.default_rng(cfg.seed)
+    perm = {p: rng.permutation(cfg.horizon) for p in ar_pts}
+    shuffled_fn = lambda e, s: recorded(eps, cfg.horizon)(e, s)[perm[e, s]]
+    shuffled = run(engine, eps, ar_pts, P, cfg.horizon, shuffled_fn, cfg, "shuffled actions")
+    real = window(eps, ar_pts, 1, cfg.horizon)
+    gain = psnr(real, gen[:, 1:]) - psnr(real, shuffled)  # (R, T)
+    all_y = np.concatenate([utils.detect_objects(ep["frames"])["player_y"] for ep in eps])
+    y_range = (np.nanmin(all_y), np.nanmax(all_y)) if np.isfinite(all_y).any() else (np.nan, np.nan)
+    m_ctl = control_block(engine, eps, spread(eps, ctx - 1, 0, cfg.rollouts), ctx, cfg.control_frames, cfg, y_range)
+    m_ctl["psnr_gain_true_vs_shuffled"] = float(gain.mean())
+    m_ctl["psnr_gain_at"] = {str(k): float(gain[:, k - 1].mean()) for k in horizons}
+    fps = fps_batch1(engine, eps, ar_pts[0], P, cfg.speed_frames)
+    cpu = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    dev_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu
+
+    for name, values in sweeps.items():
+        rows = []
+        for v in values:
+            st, cn = (v, cfg.context_noise) if name == "steps" else (cfg.steps, v)
+            eng = engine if (st, cn) == (cfg.steps, cfg.context_noise) else make(st, cn)
+            tf, ar = (m_tf, m_ar) if eng is engine else quality(eng, f"{name}={v}")[:2]
+            row = {"steps": st, "context_noise": cn} | {f"tf_{k}": tf[k] for k in ("psnr", "ssim", "ball_presence")}
+            row |= {f"ar_{k}": ar[k] for k in ("psnr", "psnr_mean", "ball_presence")}
+            rows.append(row | {"fps_batch1": fps_batch1(eng, eps, ar_pts[0], P, cfg.speed_frames)})
+        sweeps[name] = rows
+
+    metrics = {
+        "config": dataclasses.asdict(cfg),
+        "argv": list(argv),
+        "checkpoint": dict(path=os.path.abspath(cfg.ckpt), step=ckpt_step, vae=os.path.abspath(vae_path)),
+        "device": dev_name,
+        "derived": dict(context=ctx, prompt=P, horizons=horizons, frame_size=engine.frame_size, model=dconf["model"]),
+        "data": dict(dir=os.path.abspath(cfg.data), episodes=len(eps), frames=sum(len(ep["frames"]) for ep in eps)),
+        "counts": dict(vae_frames=len(vae_pts), tf_frames=len(tf_pts), rollouts=len(ar_pts), control=m_ctl["n"]),
+        "vae": m_vae,
+        "teacher_forced": m_tf,
+        "autoregressive": m_ar,
+        "control": m_ctl,
+        "speed": dict(frames_per_s_batch1=fps, frames=cfg.speed_frames, steps=cfg.steps, device=dev_name),
+        "sweeps": {k: v for k, v in sweeps.items() if v},
+        "seconds": time.time() - t_start,
+    }
+    notes = {}
+    metrics = to_json(metrics, notes) | {"null_reasons": notes}
+    os.makedirs(cfg.out, exist_ok=True)
+    utils.atomic_write_text(os.path.join(cfg.out, "metrics.json"), json.dumps(metrics, indent=1))
+    plot(os.path.join(cfg.out, "metrics.png"), metrics, cfg.horizon)
+    print(report(metrics, horizons))
+
+
+def report(m, horizons):
+    """The compact table printed at the end."""
+    f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
+    ar, ctl, tf, vae, ck, data = (
+        m[k] for k in ("autoregressive", "control", "teacher_forced", "vae", "checkpoint", "data")
+    )
+    out = [f"{ck['path']} (step {ck['step']}) on {m['device']}: {data['episodes']} episodes, {data['frames']} frames"]
+    out.append(f"VAE recon.    PSNR {f(vae['psnr'])} dB  SSIM {f(vae['ssim'], 3)}  ball kept {f(vae['ball_presence'])}")
+    out.append(
+        f"teacher-f.    PSNR {f(tf['psnr'])} dB  SSIM {f(tf['ssim'], 3)}  ball presence {f(tf['ball_presence'])}"
+    )
+    out.append(f"{m['counts']['rollouts']} rollouts, step " + "".join(f"{k:>7}" for k in horizons))
+    for key in ("psnr", "ball_error_px", "player_error_px", "opponent_error_px"):
+        out.append(f"{key:>22}" + "".join(f"{f(ar[key][str(k)]):>7}" for k in horizons))
+    out.append(f"ball presence {f(ar['ball_presence'])}, ball error first 16 steps {f(ar['ball_error_first16_px'])} px")
+    for key in ("score_events", "score_digits"):
+        s = ar[key]
+        out.append(
+            f"{key:<13} precision {f(s['precision'])} recall {f(s['recall'])} ({s['n_matched']} matched, "
+            f"{s['n_real']} real, {s['n_generated']} generated)"
+        )
+    out.append(
+        f"control       up->up {f(ctl['up_moves_up'])} down->down {f(ctl['down_moves_down'])} up above down "
+        f"{f(ctl['up_above_down'])}, PSNR true - shuffled actions {f(ctl['psnr_gain_true_vs_shuffled'])} dB"
+    )
+    out.append(f"speed         {f(m['speed']['frames_per_s_batch1'], 1)} frames/s at batch 1 on {m['device']}")
+    for name, rows in m["sweeps"].items():
+        out.append(f"sweep {name}: steps noise  tf dB  ar dB  ball   fps")
+        out += [
+            f"{'':>{len(name) + 7}}{r['steps']:>5} {r['context_noise']:>5} {f(r['tf_psnr']):>6} "
+            f"{f(r['ar_psnr_mean']):>6} {f(r['ar_ball_presence']):>5} {f(r['fps_batch1'], 1):>5}"
+            for r in rows
+        ]
+    return "\n".join(out + [f"wrote {os.path.join(m['config']['out'], 'metrics.json')} and metrics.png"])
+
+
+if __name__ == "__main__":
+    argv = ["--preset=quick" if a == "--quick" else a for a in sys.argv[1:]]
+    main(utils.parse_config(EvalConfig, argv, presets=PRESETS, description=DESCRIPTION), argv)

@@ -1,0 +1,535 @@
+"""Record Atari Pong gameplay (frames + the player's actions) for training the world model.
+
+    python generate_dataset.py --agent random --episodes 2 --max-episode-frames 100 --out /tmp/pong  # smoke
+    python generate_dataset.py --agent tracker --episodes 50 --workers 2 --out data/pong   # rallies
+    python generate_dataset.py --agent dqn --train-steps 20000 --episodes 20 --out data/pong_dqn
+    python generate_dataset.py --bench                        # recording vs bare ALE stepping, frames/s
+
+Agents. random: uniform actions. tracker: scripted; moves the player's (right, green) paddle toward
+the ball's height found by utils.detect_objects on the raw frame, NOOP within a 4 px dead zone. It
+returns the ball often: this is the agent that gives the world model rallies and points won by the
+player. dqn / ppo: stable-baselines3 CnnPolicy on the standard Atari preprocessing (AtariWrapper with
+frame_skip=1 over this env, which already skips --frameskip frames: 84x84 grey, 4 stacked frames),
+trained for --train-steps and saved to --agent-path, which later runs reuse. When recording, the
+agent sees a replica of that preprocessing of the raw RGB frames; the raw frames are recorded.
+A DQN trained for minutes on a CPU plays close to random: rl-baselines3-zoo trains Pong DQN for 1e7
+steps, and it scores above zero after roughly 1-2M steps: 3-6 h at 100 steps/s, 7-14 h at the
+~40 steps/s measured on the (shared) 2-core dev machine, where the default 20000 steps take ~9 min.
+Whatever the agent, with probability --epsilon the recorder starts a random action held for
+1..--hold-max frames, so every action shows up in every situation.
+
+Alignment: an episode file holds N frames and
+    frames   (N, S, S, 3) uint8  frames[k] is the k-th observation; frames[0], the reset one, has another palette
+    actions  (N,) int64          actions[k] is taken after seeing frames[k] and leads to frames[k+1];
+                                 actions[N-1] ended the game or hit --max-episode-frames, and its
+                                 resulting frame is not stored (its reward is last_reward)
+    rewards  (N,) float32        rewards[k] came with frames[k] (the step that produced it); rewards[0] = 0
+    dones    (N,) bool           True only at k = N-1;  t_index (N,) int64: t_index[k] = k
+and scalars seed, agent, epsilon, last_reward, terminated (game over, not the cap), ball_returns.
+
+--frame-size 96: under area averaging (utils.resize_frame) the 2x4 ball becomes a ~1.2x1.8 px blob
+that stays visible, and 96 = 8 * 12 gives the VAE's f8 downsampling a 12x12 latent.
+
+Determinism: episode j is reset with seed + j and draws its random actions from a generator seeded
+with (seed, j), so it is the same whichever worker records it (worker i takes the i-th, (i+W)-th, ...
+missing episode). Resume: files appear by atomic rename; a re-run with the same --out keeps the
+finished episodes, deletes stray temporary files and records the missing ones.
+Ball returns: the ball's horizontal motion turning from rightward to leftward in the right quarter
+of the screen (only the player's paddle sends it back there), from detect_objects on stored frames.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from queue import Empty
+
+import numpy as np
+
+from dataset import load_episode, read_meta
+from utils import (
+    ACTION_NAMES,
+    NUM_ACTIONS,
+    arg,
+    atomic_savez,
+    atomic_write_text,
+    detect_objects,
+    die,
+    parse_config,
+    resize_frame,
+)
+
+UP, DOWN = ACTION_NAMES.index("RIGHT"), ACTION_NAMES.index("LEFT")  # in Pong RIGHT moves the paddle up
+CHUNK = 256  # raw frames handed to the writer thread at a time (~25 MB)
+
+
+@dataclasses.dataclass
+class Config:
+    out: str = arg("data/pong", "output directory (re-running resumes it)")
+    episodes: int = arg(10, "number of episodes")
+    max_episode_frames: int = arg(5000, "frames per episode at most (longer games are cut)")
+    frame_size: int = arg(96, "stored frames are frame_size x frame_size (a positive multiple of 8)")
+    agent: str = arg("dqn", "who plays the right paddle", choices=["dqn", "ppo", "random", "tracker"])
+    epsilon: float = arg(0.2, "probability of starting a random action held for 1..hold_max frames")
+    hold_max: int = arg(8, "longest hold of a random action, in frames")
+    seed: int = arg(0, "episode j is reset with seed + j; all randomness derives from it")
+    workers: int = arg(1, "recording processes")
+    env_id: str = arg("ALE/Pong-v5", "gymnasium env id")
+    frameskip: int = arg(4, "ALE frames per step")
+    sticky: float = arg(0.0, "ALE repeat_action_probability")
+    train_steps: int = arg(20000, "dqn/ppo training steps when --agent-path does not exist yet")
+    agent_path: str = arg("runs/agents/{agent}_pong.zip", "trained agent file ({agent} = --agent)")
+    bench: bool = arg(False, "benchmark recording against bare ALE stepping, then exit")
+    bench_frames: int = arg(3000, "frames per benchmark run")
+
+
+def make_env(cfg):
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    return gym.make(cfg.env_id, frameskip=cfg.frameskip, repeat_action_probability=cfg.sticky)
+
+
+# -----------------------------------------------------------------------------
+# agents: reset(rng) at each episode start, act(raw RGB frame) -> action index
+
+
+class RandomAgent:
+    def reset(self, rng):
+        self.rng = rng
+
+    def act(self, obs):
+        return int(self.rng.integers(NUM_ACTIONS))
+
+
+class TrackerAgent:
+    """Moves the player's paddle toward the ball's y; NOOP within DEAD_ZONE px or with no ball."""
+
+    DEAD_ZONE = 4.0
+
+    def reset(self, rng):
+        pass
+
+    def act(self, obs):
+        d = detect_objects(obs)
+        diff = d["ball_xy"][1] - d["player_y"]  # NaN when either is absent
+        return 0 if not abs(diff) > self.DEAD_ZONE else (UP if diff < 0 else DOWN)
+
+
+class SB3Agent:
+    """A trained SB3 policy, fed by a replica of AtariWrapper(frame_skip=1) + VecFrameStack(4)."""
+
+    def __init__(self, algo, path):
+        import stable_baselines3
+        import torch
+
+        torch.set_num_threads(1)  # see train_agent
+        self.model = getattr(stable_baselines3, algo.upper()).load(path, device="cpu")
+
+    def reset(self, rng):
+        self.stack = np.zeros((84, 84, 4), np.uint8)  # VecFrameStack starts from zeros
+
+    def act(self, obs):
+        import cv2
+
+        grey = cv2.cvtColor(obs, cv2.COLOR_RGB2GRAY)  # WarpFrame
+        self.stack[..., :-1] = self.stack[..., 1:]
+        self.stack[..., -1] = cv2.resize(grey, (84, 84), interpolation=cv2.INTER_AREA)
+        return int(self.model.predict(self.stack, deterministic=True)[0])
+
+
+def make_agent(cfg):
+    if cfg.agent in ("dqn", "ppo"):
+        return SB3Agent(cfg.agent, cfg.agent_path.format(agent=cfg.agent))
+    return {"random": RandomAgent, "tracker": TrackerAgent}[cfg.agent]()
+
+
+def train_agent(cfg, path):
+    """Train an SB3 DQN/PPO on the standard Atari preprocessing and save it atomically to `path`."""
+    import torch
+    from stable_baselines3 import DQN, PPO
+    from stable_baselines3.common.env_util import make_atari_env
+    from stable_baselines3.common.vec_env import VecFrameStack
+
+    # one thread: with two, a busy 2-core machine made each forward 30x slower (OpenMP waits)
+    torch.set_num_threads(1)
+
+    env_kwargs = {"frameskip": cfg.frameskip, "repeat_action_probability": cfg.sticky}
+    n_envs = 1 if cfg.agent == "dqn" else 4
+    venv = make_atari_env(cfg.env_id, n_envs, cfg.seed, wrapper_kwargs={"frame_skip": 1}, env_kwargs=env_kwargs)
+    venv = VecFrameStack(venv, 4)
+    if cfg.agent == "dqn":  # rl-baselines3-zoo's Atari settings, but a 10k replay buffer (~300 MB)
+        algo = DQN
+        kw = dict(buffer_size=min(cfg.train_steps, 10_000), learning_starts=min(cfg.train_steps // 10, 10_000))
+        kw.update(learning_rate=1e-4, batch_size=32, train_freq=4, target_update_interval=1000)
+        kw.update(exploration_fraction=0.1, exploration_final_eps=0.01, optimize_memory_usage=True)
+        kw.update(replay_buffer_kwargs={"handle_timeout_termination": False})
+    else:
+        algo = PPO
+        kw = dict(n_steps=128, batch_size=256, n_epochs=4, learning_rate=2.5e-4, clip_range=0.1, ent_coef=0.01)
+    model = algo("CnnPolicy", venv, seed=cfg.seed, device="cpu", **kw)
+    print(f"training {cfg.agent} for {cfg.train_steps} steps (a strong Pong agent needs ~1e6-1e7)")
+    t0 = time.time()
+    model.learn(cfg.train_steps)
+    dt = time.time() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.zip"  # SB3 appends .zip to other names
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(
+        f"trained {cfg.agent} for {cfg.train_steps} steps in {dt:.0f}s "
+        f"({cfg.train_steps / dt:.0f} steps/s), saved {path}"
+    )
+
+
+# -----------------------------------------------------------------------------
+# recording
+
+
+def count_returns(ball_x, width):
+    """How often the ball's horizontal motion turns from rightward to leftward in the right quarter.
+
+    ball_x: (N,) per-frame ball x (NaN when absent). Standing-still frames (dx = 0, as at the
+    bounce) are skipped; a turn across an absent ball (a point and a new serve) does not count.
+    """
+    k = np.flatnonzero(~np.isnan(ball_x))
+    dx, gap = np.diff(ball_x[k]), np.diff(k)
+    moves = np.flatnonzero((dx != 0) & (gap == 1))  # moves between consecutive visible frames
+    a, b = moves[:-1], moves[1:]
+    turn = (dx[a] > 0) & (dx[b] < 0) & (k[b] - k[a] <= 3) & (ball_x[k[a + 1]] > 0.75 * width)
+    return int(turn.sum())
+
+
+def resize_frames(raw, size):
+    """[(210, 160, 3)] * K -> (K, size, size, 3) uint8 with utils.resize_frame (cv2 INTER_AREA)."""
+    return np.stack([resize_frame(f, size) for f in raw])
+
+
+def _save_episode(path, chunks, arrays):
+    frames = np.concatenate([c.result() for c in chunks])  # (N, S, S, 3)
+    returns = count_returns(detect_objects(frames)["ball_xy"][:, 0], frames.shape[2])
+    atomic_savez(path, frames=frames, ball_returns=returns, **arrays)
+    return os.path.basename(path)
+
+
+def record(cfg, episodes):
+    """Record the given episode indices into cfg.out; yields ("frames", n) and ("episode", name)."""
+    env, agent = make_env(cfg), make_agent(cfg)
+    # one writer thread resizes and compresses while this thread steps ALE; `jobs` bounds its backlog
+    writer, jobs = concurrent.futures.ThreadPoolExecutor(1), collections.deque()
+
+    def submit(job, is_episode=False):
+        jobs.append((job, is_episode))
+        return job
+
+    def drain(limit):
+        while jobs and (jobs[0][0].done() or len(jobs) > limit):
+            job, is_episode = jobs.popleft()
+            result = job.result()  # re-raises the writer's errors here
+            if is_episode:
+                yield "episode", result
+
+    try:
+        for j in episodes:
+            rng = np.random.default_rng([cfg.seed, j])
+            obs, _ = env.reset(seed=cfg.seed + j)
+            agent.reset(rng)
+            raw, chunks, actions, rewards = [obs], [], [], [0.0]
+            hold = held = 0
+            for k in range(cfg.max_episode_frames):
+                a = agent.act(obs)  # always asked, so stateful agents see every frame
+                if hold == 0 and rng.random() < cfg.epsilon:
+                    held, hold = int(rng.integers(NUM_ACTIONS)), int(rng.integers(1, cfg.hold_max + 1))
+                if hold:
+                    a, hold = held, hold - 1
+                actions.append(a)
+                obs, r, terminated, truncated, _ = env.step(a)
+                if terminated or truncated or k == cfg.max_episode_frames - 1:
+                    break
+                rewards.append(r)
+                raw.append(obs)
+                if len(raw) == CHUNK:
+                    chunks.append(submit(writer.submit(resize_frames, raw, cfg.frame_size)))
+                    yield from drain(8)
+                    yield "frames", len(raw)
+                    raw = []
+            if raw:
+                chunks.append(submit(writer.submit(resize_frames, raw, cfg.frame_size)))
+            n = len(actions)
+            arrays = dict(
+                actions=np.array(actions, np.int64),
+                rewards=np.array(rewards, np.float32),
+                dones=np.arange(n) == n - 1,
+                t_index=np.arange(n),
+                seed=cfg.seed + j,
+                agent=cfg.agent,
+                epsilon=cfg.epsilon,
+                last_reward=np.float32(r),
+                terminated=bool(terminated),
+            )
+            path = os.path.join(cfg.out, f"episode_{j:05d}.npz")
+            submit(writer.submit(_save_episode, path, chunks, arrays), is_episode=True)
+            yield "frames", len(raw)
+            yield from drain(8)
+        yield from drain(0)
+    finally:
+        writer.shutdown(wait=True, cancel_futures=True)
+        env.close()
+
+
+def _worker(cfg, episodes, queue, parent):
+    try:
+        for msg in record(cfg, episodes):
+            if os.getppid() != parent:  # the parent was killed: stop instead of running on
+                return
+            queue.put(msg)
+    except KeyboardInterrupt:
+        return
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which exits with it
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+    queue.put(("exit", None))
+
+
+def record_parallel(cfg, todo):
+    """Workers 0..W-1 record todo[i::W] in separate processes; yields their messages."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(cfg, todo[i :: cfg.workers], queue, os.getpid()), daemon=True)
+        for i in range(min(cfg.workers, len(todo)))
+    ]
+    for p in procs:
+        p.start()
+    running = len(procs)
+    try:
+        while running:
+            try:
+                kind, value = queue.get(timeout=1.0)
+            except Empty:  # nothing for a second: check that no worker stopped without saying so
+                if any(p.exitcode not in (None, 0) for p in procs) or not any(p.is_alive() for p in procs):
+                    raise RuntimeError("a recording worker stopped unexpectedly") from None
+                continue
+            running -= kind == "exit"
+            if kind == "error":
+                raise RuntimeError(value)
+            if kind != "exit":
+                yield kind, value
+    finally:  # after an error or Ctrl-C, stop the workers still running
+        for p in procs:
+            if running:
+                p.terminate()
+            p.join()
+
+
+# -----------------------------------------------------------------------------
+# checks, resume, summary, benchmark
+
+
+def check_config(cfg):
+    """One-line errors for bad flags, before anything is written."""
+    if cfg.frame_size <= 0 or cfg.frame_size % 8:
+        die(f"--frame-size must be a positive multiple of 8 (the VAE downsamples by 8), got {cfg.frame_size}")
+    for name in ("episodes", "max_episode_frames", "workers", "hold_max", "frameskip", "train_steps", "bench_frames"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("epsilon", "sticky"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            die(f"--{name} must be a probability in [0, 1], got {getattr(cfg, name)}")
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    try:
+        game = gym.spec(cfg.env_id).kwargs.get("game")
+    except gym.error.Error as e:
+        die(f"unknown --env-id {cfg.env_id!r} ({type(e).__name__}); expected an ALE id such as ALE/Pong-v5")
+    if game != "pong":
+        die(f"--env-id {cfg.env_id} plays {game!r}, not Pong (the action set and detect_objects assume Pong)")
+
+
+def prepare_out(cfg):
+    """Check --out against this config, clean stray temporary files; return the episodes to record."""
+    meta_path = os.path.join(cfg.out, "meta.json")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        die(f"--out {cfg.out} exists and is not a directory")
+    if os.path.isfile(meta_path):
+        try:
+            old = read_meta(cfg.out)
+        except ValueError as e:
+            die(str(e))
+        for key in ("env_id", "frame_size", "frameskip", "sticky"):
+            if old.get(key) != getattr(cfg, key):
+                die(
+                    f"{cfg.out} holds a recording with {key}={old.get(key)!r}, not {getattr(cfg, key)!r}; "
+                    "use another --out"
+                )
+    todo = []
+    for j in range(cfg.episodes):
+        path = os.path.join(cfg.out, f"episode_{j:05d}.npz")
+        if not os.path.exists(path):
+            todo.append(j)
+            continue
+        try:
+            shape = load_episode(path, frames=False)["frames_shape"]
+        except ValueError:
+            print(f"{path} is unreadable: recording it again")
+            todo.append(j)
+            continue
+        if shape[1:3] != (cfg.frame_size, cfg.frame_size):
+            die(f"{path} has {shape[1]}x{shape[2]} frames, not {cfg.frame_size}; use another --out")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        for name in os.listdir(cfg.out):
+            if name.startswith(".tmp-"):  # left by a killed run (utils' atomic writes)
+                os.remove(os.path.join(cfg.out, name))
+        meta = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("bench", "bench_frames")}
+        atomic_write_text(meta_path, json.dumps({**meta, "complete": False}, indent=1))
+    except OSError as e:
+        die(f"cannot write to --out {cfg.out}: {e.strerror or e}")
+    return todo
+
+
+def summarize(cfg, run):
+    """Per-episode and total counts of every episode file in cfg.out, written to meta.json."""
+    files = sorted(f for f in os.listdir(cfg.out) if f.startswith("episode_") and f.endswith(".npz"))
+    episodes, hist = [], np.zeros(NUM_ACTIONS, np.int64)
+    for name in files:
+        ep = load_episode(os.path.join(cfg.out, name), frames=False)
+        r = np.append(ep["rewards"], ep.get("last_reward", 0.0))
+        counts = np.bincount(ep["actions"], minlength=NUM_ACTIONS)
+        hist += counts
+        episodes.append(
+            dict(
+                file=name,
+                seed=ep.get("seed"),
+                agent=ep.get("agent"),
+                frames=len(ep["actions"]),
+                points_won=int((r > 0).sum()),
+                points_lost=int((r < 0).sum()),
+                episode_return=float(r.sum()),
+                ball_returns=int(ep.get("ball_returns", -1)),
+                terminated=bool(ep.get("terminated")),
+                action_counts=counts.tolist(),
+            )
+        )
+    total = {k: sum(e[k] for e in episodes) for k in ("frames", "points_won", "points_lost", "ball_returns")}
+    total.update(
+        episodes=len(episodes),
+        bytes_on_disk=sum(os.path.getsize(os.path.join(cfg.out, f)) for f in files),
+        action_histogram=dict(zip(ACTION_NAMES, hist.tolist())),
+    )
+    meta = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("bench", "bench_frames")}
+    meta.update(
+        action_names=ACTION_NAMES,
+        seeds=f"episode j is reset with seed + j = {cfg.seed} + j",
+        complete=True,
+        total=total,
+        last_run=run,
+        per_episode=episodes,
+    )
+    atomic_write_text(os.path.join(cfg.out, "meta.json"), json.dumps(meta, indent=1))
+    return total
+
+
+def bench(cfg):
+    """Frames/s of recording (random agent, resize, compression, saving) against bare ALE stepping."""
+    cfg = dataclasses.replace(cfg, agent="random", workers=1)
+    check_config(cfg)
+    env, rng = make_env(cfg), np.random.default_rng(cfg.seed)
+    episodes = max(1, cfg.bench_frames // 1000)  # a random-play game of Pong lasts ~750-1000 frames
+
+    def recording():
+        with tempfile.TemporaryDirectory() as d:
+            c = dataclasses.replace(cfg, out=d, max_episode_frames=cfg.bench_frames // episodes)
+            n = sum(v for kind, v in record(c, range(episodes)) if kind == "frames")
+            return n, sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+
+    def bare(n):
+        env.reset(seed=cfg.seed)
+        for _ in range(n):
+            _, _, terminated, truncated, _ = env.step(int(rng.integers(NUM_ACTIONS)))
+            if terminated or truncated:
+                env.reset()
+
+    best = {}
+    for _ in range(2):  # alternate, keep each one's best round: this machine is shared
+        for name in ("record", "bare"):
+            t0, c0 = time.perf_counter(), time.process_time()
+            if name == "record":
+                n, size = recording()
+            else:
+                bare(n)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if name not in best or wall < best[name][0]:
+                best[name] = (wall, cpu)
+    (rw, rc), (bw, bc) = best["record"], best["bare"]
+    print(f"{cfg.env_id}, frameskip {cfg.frameskip}, {n} frames per run, best of 2, one worker:")
+    print(f"  bare ALE stepping : {n / bw:7.0f} frames/s  {bc / n * 1e6:5.0f} CPU us/frame")
+    print(
+        f"  recording         : {n / rw:7.0f} frames/s  {rc / n * 1e6:5.0f} CPU us/frame "
+        f"(resize to {cfg.frame_size}, compress, save: {size / n:.0f} bytes/frame)"
+    )
+    print(f"  ratio recording/bare: {bw / rw:.2f} wall-clock, {bc / rc:.2f} CPU time")
+
+
+def main(cfg):
+    if cfg.bench:
+        return bench(cfg)
+    check_config(cfg)
+    todo = prepare_out(cfg)
+    if todo and cfg.agent in ("dqn", "ppo"):
+        path = cfg.agent_path.format(agent=cfg.agent)
+        if os.path.exists(path):
+            print(f"reusing trained {cfg.agent} agent {path} (delete it to retrain)")
+        else:
+            train_agent(cfg, path)
+        try:
+            make_agent(cfg)
+        except Exception as e:  # noqa: BLE001 - a wrong or damaged agent file
+            die(f"cannot load {cfg.agent} agent {path}: {type(e).__name__}: {str(e)[:200]}")
+    from tqdm import tqdm
+
+    print(f"recording {len(todo)} of {cfg.episodes} episodes into {cfg.out} ({cfg.agent}, {cfg.workers} workers)")
+    t0, saved = time.time(), 0
+    bar = tqdm(total=None, unit="frame", desc="recording", dynamic_ncols=True)
+    gen = record(cfg, todo) if cfg.workers == 1 else record_parallel(cfg, todo)
+    try:
+        for kind, value in gen:
+            if kind == "frames":
+                bar.update(value)
+            else:
+                saved += 1
+                bar.set_postfix(episodes=f"{saved}/{len(todo)}")
+    except KeyboardInterrupt:
+        bar.close()
+        die("interrupted; the finished episodes are kept: run the same command again to resume", 130)
+    bar.close()
+    dt = time.time() - t0
+    run = dict(episodes=len(todo), frames=bar.n, seconds=round(dt, 2), frames_per_s=round(bar.n / max(dt, 1e-9), 1))
+    total = summarize(cfg, run)
+    hist = "  ".join(f"{k} {v}" for k, v in total["action_histogram"].items())
+    print(f"recorded {len(todo)} episodes, {bar.n} frames in {dt:.1f}s ({run['frames_per_s']:.0f} frames/s)")
+    print(
+        f"{cfg.out}: {total['episodes']} episodes, {total['frames']} frames, {total['bytes_on_disk'] / 1e6:.2f} MB "
+        f"({total['bytes_on_disk'] / max(total['frames'], 1):.0f} bytes/frame)"
+    )
+    print(f"actions: {hist}")
+    print(
+        f"points won {total['points_won']}, lost {total['points_lost']}; "
+        f"the player's paddle returned the ball {total['ball_returns']} times"
+    )
+    if total["episodes"] > cfg.episodes:
+        print(f"note: {cfg.out} also holds episodes beyond --episodes {cfg.episodes} (kept, counted above)")
+
+
+if __name__ == "__main__":
+    main(parse_config(Config, description=__doc__.split("\n\n")[0]))

@@ -1,0 +1,345 @@
+"""Play Pong inside the world model: every frame on screen is generated, driven live by your keys.
+
+With the bundled model (CPU is fine; a window opens):
+    python play.py
+Faster / bigger, on one GPU:
+    python play.py --device cuda --steps 4 --fps 30 --scale 8
+Record a game, then replay its keys through generate.py (same prompt, seed and steps: same frames):
+    python play.py --record runs/game.mp4          # also runs/game.actions.pt, runs/game.npz, runs/game.prompt.png
+    python generate.py --prompt runs/game.prompt.png --actions runs/game.actions.pt --frames <T+1> --out replay.npz
+The real emulator (left) beside the model (right), both fed your keys, the model started from the emulator's frame:
+    python play.py --compare
+No display (CPU smoke run; prints frames/s):
+    python play.py --headless --frames 100 --policy random
+
+Controls: Up = RIGHT (paddle up), Down = LEFT (paddle down), Space = FIRE (with Up/Down:
+RIGHTFIRE / LEFTFIRE), no key = NOOP. R restarts from the prompt, P pauses, Esc quits.
+With --record, R saves the game so far and the next goes to OUT_2.mp4, OUT_3.mp4, ...; every
+game restarts the model's noise from --seed, so each one replays on its own.
+Actions follow the recorder's convention: actions[k] is the key state after frame k,
+and leads to frame k+1. A key tapped between two frames still counts for the next one.
+"""
+
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import utils
+from generate import DEFAULT_CKPT, SAMPLE_DIR, WorldModel, read_actions, read_prompt, write_video
+from utils import arg
+
+CONTROLS = ["Up/Down: paddle   Space: fire", "R: restart   P: pause   Esc: quit"]
+POLICIES = "auto | keys | random | up | down | noop | file:ACTIONS.pt"
+
+
+@dataclass
+class PlayConfig:
+    ckpt: str = arg(DEFAULT_CKPT, "DiT checkpoint (train.py dit, or the bundled one)")
+    vae: str = arg("", "VAE checkpoint; default: the one the DiT checkpoint records")
+    prompt: str = arg(
+        os.path.join(SAMPLE_DIR, "prompt.png"), "prompt frame: a PNG/JPG or .npz (its last frame is used)"
+    )
+    device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
+    steps: int = arg(4, "DDIM denoising steps per frame")
+    context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
+    seed: int = arg(0, "random seed (the model's noise, --policy random, the emulator)")
+    fps: int = arg(
+        15, "target frame rate: the game runs as fast as the model allows, up to this (0 or --headless: no cap)"
+    )
+    scale: int = arg(6, "window (and recorded video) upscaling of the model's frames")
+    record: str = arg("", "save each game as OUT.mp4 (.gif, .npz) + OUT.actions.pt + OUT.npz + OUT.prompt.png")
+    compare: bool = arg(False, "run the real ALE emulator (left) beside the model (right), fed the same keys")
+    headless: bool = arg(False, "no display: scripted --policy actions for --frames frames, then print frames/s")
+    frames: int = arg(0, "stop after this many generated frames (0: play until Esc; required with --headless)")
+    policy: str = arg("auto", f"who plays: {POLICIES}; auto = keys in a window, random when --headless")
+    screenshot: str = arg("", "save the window as this PNG when the game stops (after --frames, or on Esc)")
+    ema: bool = arg(True, "use the EMA weights")
+
+
+def keys_to_action(up, down, fire):
+    """Keyboard state -> action index. In Pong's action set RIGHT moves the player's paddle up."""
+    move = "RIGHT" if up and not down else "LEFT" if down and not up else ""
+    return utils.ACTION_NAMES.index((move + "FIRE" if fire else move) or "NOOP")
+
+
+def make_policy(spec, seed):
+    """A scripted player for --policy: frame index -> action index; None for the keyboard."""
+    if spec == "keys":
+        return None
+    if spec == "random":
+        rng = np.random.default_rng(seed)
+        return lambda k: int(rng.integers(utils.NUM_ACTIONS))
+    fixed = {"up": "RIGHT", "down": "LEFT", "noop": "NOOP"}
+    if spec in fixed:
+        a = utils.ACTION_NAMES.index(fixed[spec])
+        return lambda k: a
+    if spec.startswith("file:"):
+        path = spec[len("file:") :]
+        if not os.path.isfile(path):
+            utils.die(f"--policy {spec}: no such file")
+        actions = read_actions(path).tolist()
+        if not actions:
+            utils.die(f"--policy {spec}: the file holds no actions")
+        return lambda k: actions[k % len(actions)]  # repeated to any length, as generate.py does
+    utils.die(f"--policy {spec!r}: expected one of {POLICIES}")
+
+
+def make_env():
+    """The real game, as the recorder plays it (frameskip 4, sticky actions off)."""
+    try:
+        import ale_py
+        import gymnasium as gym
+    except ImportError:
+        utils.die("--compare needs the emulator: pip install gymnasium ale-py")
+    gym.register_envs(ale_py)
+    return gym.make("ALE/Pong-v5", frameskip=4, repeat_action_probability=0.0)
+
+
+class Game:
+    """One game: the model's frames (with --compare, the emulator's beside them) and the actions taken."""
+
+    def __init__(self, engine, prompt, env=None, seed=0, keep=False):
+        self.engine, self.prompt, self.env, self.seed, self.keep = engine, prompt, env, seed, keep
+        self.number = 0
+        self.restart()
+
+    def restart(self):
+        self.number += 1
+        # Each game draws the same noise as a fresh WorldModel, so generate.py replays it from --seed.
+        self.engine.gen.manual_seed(self.seed)
+        start, self.real = self.prompt, None
+        if self.env is not None:
+            obs, _ = self.env.reset(seed=self.seed if self.number == 1 else None)
+            start = utils.resize_frame(obs, self.engine.frame_size)[None]  # (1, H, W, 3), as the recorder stores it
+            self.real = [start[0]]
+        self.engine.reset(start[None])  # (B=1, n=1, H, W, 3)
+        self.frames, self.actions, self.over = [start[0]], [], False
+
+    def step(self, action):
+        frame = self.engine.step(torch.tensor([action], device=self.engine.device))[0].cpu().numpy()
+        self.actions.append(action)
+        self.frames.append(frame)
+        if self.env is not None:
+            obs, _, terminated, truncated, _ = self.env.step(action)
+            self.real.append(utils.resize_frame(obs, self.engine.frame_size))
+            self.over = terminated or truncated
+        if not self.keep:  # the whole game is kept only when recording
+            del self.frames[:-1]
+            if self.real is not None:
+                del self.real[:-1]
+
+    def panels(self):
+        """The latest frames to show, left to right: (emulator,) model."""
+        return ([self.real[-1]] if self.real is not None else []) + [self.frames[-1]]
+
+
+def save_game(game, cfg):
+    """Write a game as played: OUT.actions.pt (replayable with generate.py), OUT.npz, OUT.prompt.png, the video."""
+    if not game.actions:
+        return
+    root, ext = os.path.splitext(cfg.record)
+    if game.number > 1:
+        root = f"{root}_{game.number}"
+    frames = np.stack(game.frames)  # (T+1, H, W, 3), the prompt first
+    actions = torch.tensor(game.actions, dtype=torch.long)  # (T,), actions[k] leads from frame k to k+1
+    arrays = {"frames": frames, "actions": actions.numpy()}
+    video = frames
+    if game.real is not None:
+        arrays["real"] = np.stack(game.real)
+        video = np.concatenate([arrays["real"], frames], axis=2)  # real left, model right
+    # The small, exact files first: an interrupted video encode loses nothing else.
+    utils.atomic_torch_save(actions, root + ".actions.pt")
+    utils.atomic_savez(root + ".npz", **arrays)
+    import cv2
+
+    utils._atomic(root + ".prompt.png", lambda tmp: cv2.imwrite(tmp, cv2.cvtColor(frames[0], cv2.COLOR_RGB2BGR)))
+    if ext != ".npz":
+        write_video(root + ext, video, cfg.fps or 15, cfg.scale)
+    print(f"wrote {root}{ext}, {root}.actions.pt, {root}.npz, {root}.prompt.png: {len(frames)} frames")
+    flags = f"--steps {cfg.steps} --context-noise {cfg.context_noise} --seed {cfg.seed}"
+    print(
+        f"replay: python generate.py --ckpt {cfg.ckpt} --prompt {root}.prompt.png --actions {root}.actions.pt "
+        f"{flags} --frames {len(frames)} --out replay.npz"
+    )
+
+
+class Screen:
+    """The pygame window (SDL's dummy driver with --headless): game panels scaled up, over a status bar."""
+
+    def __init__(self, n_panels, size, scale, headless, labels=()):
+        os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+        if headless:
+            os.environ["SDL_VIDEODRIVER"] = "dummy"
+        import pygame
+
+        self.pg, self.labels = pygame, labels
+        self.panel_w, self.game_h = size * scale, size * scale
+        width = n_panels * self.panel_w
+        no_window = "no display to open a window on: set DISPLAY, or use --headless"
+        chosen = os.environ.get("SDL_VIDEODRIVER")
+        if not (headless or chosen or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            if sys.platform.startswith("linux"):
+                utils.die(no_window)
+        try:
+            pygame.display.init()
+        except pygame.error as e:
+            utils.die(f"cannot open a window ({e}): set DISPLAY, or use --headless")
+        if not (headless or chosen) and pygame.display.get_driver() in ("offscreen", "dummy"):
+            utils.die(no_window)  # SDL's fallback: an invisible window nobody could play in
+        self.font = self._fit_font(CONTROLS + ["99.9 frames/s (model 99.9/s)  RIGHTFIRE"], width - 8)
+        bar = 3 * self.font.get_linesize() + 6 if self.font else 0
+        try:
+            self.surface = pygame.display.set_mode((width, self.game_h + bar))
+        except pygame.error as e:
+            utils.die(f"cannot open a window ({e}): set DISPLAY, or use --headless")
+        pygame.display.set_caption("GameNGen-Mini Pong | " + " | ".join(CONTROLS))
+        self.shown = 0
+
+    def _fit_font(self, lines, width):
+        """The largest default font up to 18 px in which every line fits; None when fonts are unavailable."""
+        try:
+            self.pg.font.init()
+            for px in range(18, 9, -1):
+                font = self.pg.font.Font(None, px)
+                if max(font.size(s)[0] for s in lines) <= width:
+                    break
+            return font
+        except Exception:  # pygame without SDL_ttf, or no default font: the caption carries the text
+            return None
+
+    def poll(self):
+        """-> (commands, (up, down, fire)); a movement key held now or tapped since the last poll counts."""
+        pg = self.pg
+        commands, tapped = set(), set()
+        for e in pg.event.get():
+            if e.type == pg.QUIT:
+                commands.add("quit")
+            elif e.type == pg.KEYDOWN:
+                tapped.add(e.key)
+                command = {pg.K_ESCAPE: "quit", pg.K_r: "restart", pg.K_p: "pause"}.get(e.key)
+                if command:
+                    commands.add(command)
+        held = pg.key.get_pressed()
+        return commands, tuple(bool(held[k]) or k in tapped for k in (pg.K_UP, pg.K_DOWN, pg.K_SPACE))
+
+    def draw(self, panels, status):
+        pg = self.pg
+        img = np.ascontiguousarray(np.concatenate(panels, axis=1).swapaxes(0, 1))  # (W, H, 3), as pygame wants
+        game = pg.transform.scale(pg.surfarray.make_surface(img), (len(panels) * self.panel_w, self.game_h))
+        self.surface.fill((0, 0, 0))
+        self.surface.blit(game, (0, 0))
+        if self.font:
+            for i, label in enumerate(self.labels):
+                self.surface.blit(self.font.render(label, True, (255, 255, 255), (0, 0, 0)), (i * self.panel_w + 3, 3))
+            for i, line in enumerate([status] + CONTROLS):
+                text = self.font.render(line, True, (230, 230, 230))
+                self.surface.blit(text, (4, self.game_h + 3 + i * self.font.get_linesize()))
+        elif self.shown % 15 == 0:  # no fonts: the frame rate goes in the caption
+            pg.display.set_caption(f"GameNGen-Mini Pong | {status} | " + " | ".join(CONTROLS))
+        pg.display.flip()
+        self.shown += 1
+
+    def save(self, path):
+        self.pg.image.save(self.surface, path)
+
+
+# -----------------------------------------------------------------------------
+
+
+def interrupt(signum, frame):
+    """SIGTERM (`kill`) ends the game as Ctrl-C does, so the recording is saved too."""
+    raise KeyboardInterrupt
+
+
+def main(cfg):
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        utils.die(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    if cfg.headless and cfg.frames < 1:
+        utils.die(f"--headless needs --frames N (N >= 1), found {cfg.frames}")
+    if cfg.frames < 0 or cfg.fps < 0 or cfg.scale < 1 or cfg.steps < 1:
+        utils.die("--frames and --fps must be >= 0, --scale and --steps >= 1")
+    if cfg.record and os.path.splitext(cfg.record)[1].lower() not in (".mp4", ".gif", ".npz"):
+        utils.die(f"--record {cfg.record}: use a .mp4, .gif or .npz file name")
+    if cfg.screenshot and not cfg.screenshot.lower().endswith(".png"):
+        utils.die(f"--screenshot {cfg.screenshot}: use a .png file name")
+    if not os.path.isfile(cfg.ckpt):
+        utils.die(f"--ckpt {cfg.ckpt}: no such file (train one with train.py dit, or use the bundled checkpoints/)")
+    policy_spec = ("random" if cfg.headless else "keys") if cfg.policy == "auto" else cfg.policy
+    if cfg.headless and policy_spec == "keys":
+        utils.die("--policy keys needs a window: drop --headless, or pick a scripted policy")
+    utils.seed_everything(cfg.seed)
+    policy = make_policy(policy_spec, cfg.seed)
+
+    engine = WorldModel.from_checkpoint(
+        cfg.ckpt, cfg.vae, device, cfg.ema, steps=cfg.steps, context_noise=cfg.context_noise, seed=cfg.seed
+    )
+    size = engine.frame_size
+    prompt = None if cfg.compare else read_prompt(cfg.prompt, size)[-1:]  # (1, H, W, 3)
+    env = make_env() if cfg.compare else None
+    game = Game(engine, prompt, env, cfg.seed, keep=bool(cfg.record))
+    screen = Screen(
+        2 if cfg.compare else 1, size, cfg.scale, cfg.headless, ("emulator", "model") if cfg.compare else ()
+    )
+    clock = screen.pg.time.Clock()
+
+    played, busy, paused, action = 0, 0.0, False, 0
+    recent = deque(maxlen=30)  # timestamps of the latest frames shown: the achieved rate
+    model_dt = None
+    who = f"--policy {policy_spec}" if policy else "the keyboard"
+    print(f"playing on {device} (steps {cfg.steps}, {size}x{size}), driven by {who}", flush=True)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while True:
+            commands, keys = screen.poll()
+            if "quit" in commands:
+                break
+            if "pause" in commands:
+                paused = not paused
+                recent.clear()
+            if "restart" in commands or game.over:
+                if cfg.record:
+                    save_game(game, cfg)
+                game.restart()
+                recent.clear()
+            if paused:
+                screen.draw(game.panels(), "PAUSED (P to resume)")
+                clock.tick(20)
+                continue
+            t0 = time.perf_counter()
+            action = policy(played) if policy else keys_to_action(*keys)
+            game.step(action)
+            dt = time.perf_counter() - t0
+            model_dt = dt if model_dt is None else 0.9 * model_dt + 0.1 * dt
+            recent.append(time.perf_counter())
+            rate = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
+            screen.draw(
+                game.panels(), f"{rate:.1f} frames/s (model {1 / model_dt:.1f}/s)  {utils.ACTION_NAMES[action]}"
+            )
+            played += 1
+            if not cfg.headless and cfg.fps:
+                clock.tick(cfg.fps)  # the cap; headless runs flat out, so it measures the model
+            busy += time.perf_counter() - t0
+            if cfg.frames and played >= cfg.frames:
+                break
+    except KeyboardInterrupt:
+        print("interrupted")
+    finally:  # Esc, window closed, --frames reached, Ctrl-C: the game so far is saved
+        if cfg.record:
+            save_game(game, cfg)
+        if cfg.screenshot:
+            utils._atomic(cfg.screenshot, screen.save)
+            print(f"wrote {cfg.screenshot}")
+        if env is not None:
+            env.close()
+    print(f"played {played} frames at {played / max(busy, 1e-9):.1f} frames/s ({device}, steps {cfg.steps})")
+
+
+if __name__ == "__main__":
+    main(utils.parse_config(PlayConfig, description=__doc__.splitlines()[0]))

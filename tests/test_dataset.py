@@ -1,0 +1,119 @@
+"""dataset.py: windows stay inside episodes, the split is deterministic and disjoint, latents, clear errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dataset import PongDataset, list_episodes, load_episode, read_meta, split_episodes  # noqa: E402
+from utils import atomic_savez, atomic_write_text  # noqa: E402
+
+LENGTHS = [12, 5, 9, 3, 20, 7, 15, 4, 11, 8]  # episode j has LENGTHS[j] frames
+
+
+def write_episode(path, j, n, size=16):
+    """Frames that encode (episode, t) in their pixels, so every item can be checked."""
+    frames = np.zeros((n, size, size, 3), np.uint8)
+    frames[:, :, :, 0] = j
+    frames[:, :, :, 1] = np.arange(n)[:, None, None]
+    frames[:, 0, 0, 2] = 255
+    actions = (np.arange(n) + j) % 6
+    atomic_savez(path, frames=frames, actions=actions.astype(np.int64), rewards=np.zeros(n, np.float32),
+                 dones=np.arange(n) == n - 1, t_index=np.arange(n), seed=j)  # fmt: skip
+
+
+@pytest.fixture
+def rec(tmp_path):
+    root = tmp_path / "rec"
+    for j, n in enumerate(LENGTHS):
+        write_episode(str(root / f"episode_{j:05d}.npz"), j, n)
+    atomic_write_text(str(root / "meta.json"), '{"frame_size": 16}')
+    return str(root)
+
+
+def test_windows_stay_inside_episodes(rec):
+    T = 4
+    ds = PongDataset(rec, T, split="all")
+    assert len(ds) == sum(max(0, n - T + 1) for n in LENGTHS)
+    seen = set()
+    for i in range(len(ds)):
+        item = ds[i]
+        j, t = item["episode"], item["t_index"]
+        assert item["frames"].shape == (T, 3, 16, 16) and item["frames"].dtype == torch.float32
+        assert item["actions"].dtype == torch.int64 and item["actions_onehot"].shape == (T, 6)
+        assert (t == t[0] + torch.arange(T)).all() and t[-1] < LENGTHS[j]  # consecutive, inside episode j
+        u8 = torch.round((item["frames"] + 1) * 127.5)  # back to the stored pixels
+        assert (u8[:, 0] == j).all() and (u8[:, 1, 1, 1] == t).all()
+        assert item["frames"].min() >= -1 and item["frames"].max() == 1
+        assert (item["actions"] == (t + j) % 6).all() and (item["actions_onehot"].argmax(1) == item["actions"]).all()
+        seen.add((j, int(t[0])))
+    assert len(seen) == len(ds)  # stride 1, every window once
+
+
+def test_split_is_deterministic_and_disjoint(rec):
+    files = list_episodes(rec)
+    train, val = split_episodes(files, 0.2)
+    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == files
+    assert split_episodes(list(reversed(files)), 0.2) == (train, val)
+    tr_ds, va_ds = PongDataset(rec, 3, "train", 0.2), PongDataset(rec, 3, "val", 0.2)
+    assert {tr_ds[i]["episode"] for i in range(len(tr_ds))}.isdisjoint({va_ds[i]["episode"] for i in range(len(va_ds))})
+    assert split_episodes(files[:1], 0.5) == (files[:1], [])  # one episode: all train
+    assert split_episodes(files[:2], 0.1)[1] != []  # two: one goes to val
+
+
+def test_latents_instead_of_frames(rec, tmp_path):
+    lat_dir = tmp_path / "latents"
+    lat_dir.mkdir()
+    for j, n in enumerate(LENGTHS):
+        lat = np.zeros((n, 4, 2, 2), np.float16) + np.arange(n, dtype=np.float16)[:, None, None, None]
+        np.save(lat_dir / f"episode_{j:05d}.npy", lat + j * 100)
+    ds = PongDataset(rec, 5, split="all", latent_dir=str(lat_dir))
+    assert ds.data[0].dtype == np.float16
+    for i in range(0, len(ds), 3):
+        item = ds[i]
+        assert "frames" not in item and item["latents"].shape == (5, 4, 2, 2) and item["latents"].dtype == torch.float32
+        assert (item["latents"][:, 0, 0, 0] == item["t_index"].float() + 100 * item["episode"]).all()
+    np.save(lat_dir / "episode_00000.npy", np.zeros((3, 4, 2, 2), np.float16))
+    with pytest.raises(ValueError, match="episode_00000.npy"):
+        PongDataset(rec, 5, split="all", latent_dir=str(lat_dir))
+    os.remove(lat_dir / "episode_00000.npy")
+    with pytest.raises(FileNotFoundError, match="episode_00000.npy"):
+        PongDataset(rec, 5, split="all", latent_dir=str(lat_dir))
+
+
+def test_errors_name_the_file(rec, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list_episodes(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        PongDataset(str(tmp_path / "empty"), 4)
+    bad = os.path.join(rec, "episode_00003.npz")
+    with open(bad, "wb") as f:
+        f.write(b"not a zip file")
+    for frames in (True, False):
+        with pytest.raises(ValueError, match="episode_00003.npz"):
+            load_episode(bad, frames=frames)
+    with pytest.raises(ValueError, match="episode_00003.npz"):
+        PongDataset(rec, 4)
+    np.savez(bad, frames=np.zeros((3, 8, 8, 3), np.uint8), actions=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="episode_00003.npz.*missing"):
+        load_episode(bad)
+    atomic_write_text(os.path.join(rec, "meta.json"), "{not json")
+    with pytest.raises(ValueError, match="meta.json"):
+        read_meta(rec)
+
+
+def test_cli_bench_and_error(rec):
+    p = subprocess.run([sys.executable, "dataset.py", rec, "--bench", "--items", "50", "--seq-len", "3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "items/s single" in p.stdout and "DataLoader" in p.stdout
+    p = subprocess.run([sys.executable, "dataset.py", rec + "_missing"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "_missing" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

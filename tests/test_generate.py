@@ -1,0 +1,197 @@
+"""generate.py: the cached sampler equals the naive one, the CLI writes what it says, bad input gets one line."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import generate  # noqa: E402
+from dit import DiT_models  # noqa: E402
+from uvit_vae import build_vae  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+S = 32  # frame size
+
+
+def randomize(model, seed):
+    """Undo the zero init (adaLN-Zero, zero output layer) so the model computes something non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    vae = randomize(build_vae("pong", ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8), 0)
+    dit = randomize(DiT_models["tiny"](input_h=S // 8, input_w=S // 8, max_frames=4), 1)
+    sd = lambda m: {k: v.clone() for k, v in m.state_dict().items()}
+    vae_ck = {
+        "model": sd(vae),
+        "ema": sd(vae),
+        "optimizer": {},
+        "step": 0,
+        "version": 1,
+        "config": {"kind": "vae", "model": vae.config, "scaling_factor": 1.0},
+    }
+    dit_ck = {
+        "model": sd(dit),
+        "ema": sd(dit),
+        "optimizer": {},
+        "step": 0,
+        "version": 1,
+        "config": {"kind": "dit", "model": dit.config, "latent_scale": 1.0, "vae_path": "vae.pt", "frame_size": S},
+    }
+    torch.save(vae_ck, d / "vae.pt")
+    torch.save(dit_ck, d / "dit.pt")
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (12, S, S, 3), dtype=np.uint8)
+    np.savez(
+        d / "episode_00000.npz",
+        frames=frames,
+        actions=rng.integers(0, 6, 12),
+        rewards=np.zeros(12, np.float32),
+        dones=np.arange(12) == 11,
+        t_index=np.arange(12),
+    )
+    import cv2
+
+    cv2.imwrite(str(d / "prompt.png"), frames[0][..., ::-1])
+    torch.save(torch.tensor([2, 3, 0, 1, 4, 5]), d / "actions.pt")
+    return d
+
+
+@pytest.mark.parametrize("window", ["exact", "chunk"])
+def test_cached_equals_naive_past_the_window(ckpts, window):
+    """10 frames with a 4-frame window: the cache is trimmed and re-encoded several times."""
+    prompt = np.load(ckpts / "episode_00000.npz")["frames"][:2]
+    actions = torch.tensor([1, 2, 3, 2, 2, 3, 3, 0, 4, 5, 1])
+    out = {}
+    for cached in (True, False):
+        engine = generate.WorldModel.from_checkpoint(
+            str(ckpts / "dit.pt"), device="cpu", steps=3, context_noise=20, cached=cached, seed=7, window=window
+        )
+        out[cached] = engine.rollout(prompt, actions)
+    assert out[True].shape == (12, S, S, 3)
+    assert not np.array_equal(out[True][2], out[True][3])  # it generated something that changes
+    np.testing.assert_allclose(out[True].astype(int), out[False].astype(int), atol=1)
+
+
+def test_stream_window_differs_from_exact_only_after_the_window(ckpts):
+    prompt = np.load(ckpts / "episode_00000.npz")["frames"][:1]
+    actions = torch.tensor([1, 2, 3, 2, 2, 3, 3, 0])
+    out = {}
+    for w in ("exact", "stream"):
+        engine = generate.WorldModel.from_checkpoint(str(ckpts / "dit.pt"), device="cpu", steps=2, seed=3, window=w)
+        out[w] = engine.rollout(prompt, actions)
+    np.testing.assert_allclose(
+        out["exact"][:4].astype(int), out["stream"][:4].astype(int), atol=1
+    )  # window not full yet
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
+
+
+def test_cli_writes_mp4_gif_and_npz(ckpts, tmp_path):
+    common = [
+        "--ckpt",
+        str(ckpts / "dit.pt"),
+        "--prompt",
+        str(ckpts / "prompt.png"),
+        "--actions",
+        str(ckpts / "actions.pt"),
+        "--frames",
+        "9",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    p = run(*common, "--out", str(tmp_path / "a.npz"))
+    assert p.returncode == 0, p.stderr
+    frames = np.load(tmp_path / "a.npz")["frames"]
+    assert frames.shape == (9, S, S, 3) and frames.dtype == np.uint8
+    p = run(*common, "--out", str(tmp_path / "a.mp4"), "--scale", "2")
+    assert p.returncode == 0, p.stderr
+    import imageio.v3 as iio
+
+    video = iio.imread(tmp_path / "a.mp4")
+    assert video.shape[:3] == (9, 2 * S, 2 * S)
+    p = run(*common, "--out", str(tmp_path / "a.gif"), "--batch", "2")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "a_0.gif").exists() and (tmp_path / "a_1.gif").exists()
+    # the same seed gives the same frames
+    p = run(*common, "--out", str(tmp_path / "b.npz"))
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npz")["frames"], frames)
+
+
+def test_cli_replays_an_episode_side_by_side(ckpts, tmp_path):
+    p = run(
+        "--ckpt",
+        str(ckpts / "dit.pt"),
+        "--episode",
+        str(ckpts / "episode_00000.npz"),
+        "--start",
+        "2",
+        "--frames",
+        "6",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "r.npz"),
+    )
+    assert p.returncode == 0, p.stderr
+    assert np.load(tmp_path / "r.npz")["frames"].shape == (6, S, 2 * S, 3)
+    assert "PSNR" in p.stdout
+
+
+def test_bad_inputs_get_one_line(ckpts, tmp_path):
+    torch.save(torch.zeros(5, 4), tmp_path / "dim.pt")
+    torch.save(torch.tensor([0, 1, 9]), tmp_path / "range.pt")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    base = [
+        "--ckpt",
+        str(ckpts / "dit.pt"),
+        "--prompt",
+        str(ckpts / "prompt.png"),
+        "--actions",
+        str(ckpts / "actions.pt"),
+        "--frames",
+        "3",
+        "--out",
+        str(tmp_path / "o.npz"),
+    ]
+
+    def with_(**kw):
+        args = list(base)
+        for k, v in kw.items():
+            args[args.index("--" + k) + 1] = v
+        return args
+
+    os.makedirs(tmp_path / "lonely", exist_ok=True)
+    lonely = tmp_path / "lonely" / "dit.pt"
+    ck = torch.load(ckpts / "dit.pt", weights_only=True)
+    ck["config"]["vae_path"] = "/nowhere/vae.pt"
+    torch.save(ck, lonely)
+    cases = {
+        "(T, 6)": with_(actions=str(tmp_path / "dim.pt")),
+        "[0, 6)": with_(actions=str(tmp_path / "range.pt")),
+        "not a readable image": with_(prompt=str(tmp_path / "bad.png")),
+        "expected a 'dit' checkpoint": with_(ckpt=str(ckpts / "vae.pt")),
+        "cannot find the VAE": with_(ckpt=str(lonely)),
+    }
+    for needle, args in cases.items():
+        p = run(*args)
+        assert p.returncode != 0, needle
+        assert "Traceback" not in p.stderr, p.stderr
+        assert needle in p.stderr, (needle, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr

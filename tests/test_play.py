@@ -1,0 +1,164 @@
+"""play.py: headless runs on a tiny random model, recordings that generate.py replays frame for frame,
+the emulator beside the model, Ctrl-C saving the game, keyboard mapping, and one-line errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import utils  # noqa: E402
+
+
+def run(*args, check=True, timeout=120):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"{args} failed:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny DiT + VAE in train.py's checkpoint format, with random (not zero-initialised) output layers so
+    the frames depend on the actions and the noise, and a 32x32 prompt PNG."""
+    import cv2
+
+    from dit import DiT_models
+    from uvit_vae import build_vae
+
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    dit = DiT_models["tiny"](input_h=4, input_w=4, max_frames=4)
+    vae = build_vae("pong", ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=4)
+    with torch.no_grad():  # adaLN-Zero makes a fresh DiT output 0 whatever the input; randomise it
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    for m, name in ((dit, "dit"), (vae, "vae")):
+        sd = m.state_dict()
+        config = {"kind": name, "model": m.config}
+        if name == "dit":
+            config.update(latent_scale=1.0, vae_path="vae.pt", frame_size=32)
+        else:
+            config.update(scaling_factor=1.0)
+        ck = {"model": sd, "ema": sd, "optimizer": {}, "step": 0, "version": 1, "config": config}
+        torch.save(ck, d / f"{name}.pt")
+    prompt = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    cv2.imwrite(str(d / "prompt.png"), prompt)
+    return d
+
+
+def play(tiny, *args, **kw):
+    return run("play.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(tiny / "prompt.png"), *args, **kw)
+
+
+def replay(tiny, out, actions, seed, steps, frames, prompt=None):
+    run("generate.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(prompt or tiny / "prompt.png"),
+        "--actions", str(actions), "--seed", str(seed), "--steps", str(steps), "--frames", str(frames),
+        "--out", str(out))  # fmt: skip
+    return np.load(out)["frames"]
+
+
+def test_headless_prints_frames_per_second(tiny):
+    r = play(tiny, "--headless", "--frames", "5", "--steps", "2")
+    assert "played 5 frames at" in r.stdout and "frames/s (cpu, steps 2)" in r.stdout, r.stdout
+
+
+def test_record_replays_through_generate(tiny, tmp_path):
+    out = tmp_path / "game.mp4"
+    play(tiny, "--headless", "--frames", "6", "--steps", "2", "--seed", "3", "--policy", "random", "--record", str(out))
+    assert out.stat().st_size > 0 and (tmp_path / "game.prompt.png").is_file()
+    actions = torch.load(tmp_path / "game.actions.pt", weights_only=True)
+    assert actions.dtype == torch.int64 and actions.shape == (6,) and len(set(actions.tolist())) > 1
+    rec = np.load(tmp_path / "game.npz")
+    played = rec["frames"]
+    assert played.shape == (7, 32, 32, 3) and played.dtype == np.uint8
+    assert np.array_equal(rec["actions"], actions.numpy())
+    again = replay(tiny, tmp_path / "replay.npz", tmp_path / "game.actions.pt", 3, 2, 7)
+    assert np.array_equal(again, played)
+    # the equality means something: other actions, or another seed, give other frames
+    from generate import WorldModel, read_prompt
+
+    prompt = read_prompt(str(tiny / "prompt.png"), 32)
+    assert np.array_equal(read_prompt(str(tmp_path / "game.prompt.png"), 32), prompt)  # a self-contained recording
+    for seed, a in ((3, (actions + 1) % utils.NUM_ACTIONS), (4, actions)):
+        engine = WorldModel.from_checkpoint(str(tiny / "dit.pt"), steps=2, seed=seed)
+        assert not np.array_equal(engine.rollout(prompt, a), played)
+
+
+def test_file_policy_plays_the_recorded_keys(tiny, tmp_path):
+    torch.save(torch.tensor([2, 3, 3, 0]), tmp_path / "keys.pt")
+    play(
+        tiny,
+        "--headless",
+        "--frames",
+        "4",
+        "--policy",
+        f"file:{tmp_path / 'keys.pt'}",
+        "--record",
+        str(tmp_path / "g.npz"),
+    )
+    assert torch.load(tmp_path / "g.actions.pt", weights_only=True).tolist() == [2, 3, 3, 0]
+    assert not (tmp_path / "g.mp4").exists()
+
+
+def test_compare_runs_the_emulator_beside_the_model(tiny, tmp_path):
+    pytest.importorskip("ale_py")
+    r = play(tiny, "--compare", "--headless", "--frames", "3", "--steps", "1", "--record", str(tmp_path / "c.mp4"))
+    assert "played 3 frames" in r.stdout
+    rec = np.load(tmp_path / "c.npz")
+    assert rec["real"].shape == rec["frames"].shape == (4, 32, 32, 3)
+    assert np.array_equal(rec["real"][0], rec["frames"][0])  # the model starts from the emulator's first frame
+    assert rec["real"][1:].std() > 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_the_game(tiny, tmp_path, sig):
+    args = ["play.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(tiny / "prompt.png"), "--headless",
+            "--frames", "100000", "--steps", "1", "--record", str(tmp_path / "k.npz")]  # fmt: skip
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "playing" in p.stdout.readline()
+        time.sleep(5.0)  # long enough to play a few frames, even on a busy machine
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert "interrupted" in out and "Traceback" not in err
+    n = len(torch.load(tmp_path / "k.actions.pt", weights_only=True))
+    assert n > 0 and np.load(tmp_path / "k.npz")["frames"].shape[0] == n + 1
+
+
+def test_keys_map_to_pong_actions(monkeypatch):
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    import play
+
+    name = lambda *keys: utils.ACTION_NAMES[play.keys_to_action(*keys)]
+    assert name(False, False, False) == "NOOP" and name(False, False, True) == "FIRE"
+    assert name(True, False, False) == "RIGHT" and name(False, True, False) == "LEFT"  # up = RIGHT = paddle up
+    assert name(True, False, True) == "RIGHTFIRE" and name(False, True, True) == "LEFTFIRE"
+    assert name(True, True, False) == "NOOP"
+    screen = play.Screen(1, 32, 2, headless=True)
+    pg = screen.pg
+    for key in (pg.K_UP, pg.K_SPACE, pg.K_p):  # taps between two frames still count
+        pg.event.post(pg.event.Event(pg.KEYDOWN, key=key))
+    commands, keys = screen.poll()
+    assert commands == {"pause"} and keys == (True, False, True)
+    pg.event.post(pg.event.Event(pg.KEYDOWN, key=pg.K_ESCAPE))
+    assert screen.poll()[0] == {"quit"}
+    pg.display.quit()
+
+
+def test_errors_are_one_line(tiny, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    for args in (["--ckpt", str(tmp_path / "missing.pt")], ["--prompt", str(bad)], ["--policy", "sideways"]):
+        r = run("play.py", "--ckpt", str(tiny / "dit.pt"), "--headless", "--frames", "1", *args, check=False)
+        assert r.returncode != 0 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,0 +1,279 @@
+"""train.py end to end on CPU: record, train the tiny VAE, train the tiny DiT; resume; torchrun; bad input."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(*args, check=True, **kw):
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def losses(log):
+    return [float(m) for m in re.findall(r"step +\d+ loss ([0-9.eE+-]+)", log)]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A tiny recorded dataset, a tiny trained VAE and a tiny trained DiT, shared by the tests below."""
+    d = tmp_path_factory.mktemp("train")
+    data = str(d / "data")
+    run(
+        "generate_dataset.py",
+        "--agent",
+        "random",
+        "--episodes",
+        "3",
+        "--max-episode-frames",
+        "40",
+        "--frame-size",
+        "32",
+        "--out",
+        data,
+        "--workers",
+        "1",
+    )
+    vae = run("train.py", "vae", "--preset", "tiny", "--data", data, "--out", str(d / "vae"), "--wandb", "disabled")
+    dit = run(
+        "train.py",
+        "dit",
+        "--preset",
+        "tiny",
+        "--data",
+        data,
+        "--vae",
+        str(d / "vae"),
+        "--out",
+        str(d / "dit"),
+        "--wandb",
+        "disabled",
+    )
+    return {
+        "dir": d,
+        "data": data,
+        "vae": str(d / "vae"),
+        "dit": str(d / "dit"),
+        "vae_log": vae.stdout,
+        "dit_log": dit.stdout,
+    }
+
+
+def test_tiny_pipeline_writes_checkpoints(pipeline):
+    for kind in ("vae", "dit"):
+        ck = torch.load(os.path.join(pipeline[kind], "ckpt.pt"), map_location="cpu", weights_only=True)
+        assert set(ck) >= {"model", "ema", "optimizer", "step", "config", "version"}
+        assert ck["config"]["kind"] == kind and ck["step"] == ck["config"]["train"]["steps"]
+        assert os.path.isfile(os.path.join(pipeline[kind], "log.txt"))
+        assert os.path.isfile(os.path.join(pipeline[kind], "config.json"))
+    dit = torch.load(os.path.join(pipeline["dit"], "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert os.path.samefile(dit["config"]["vae_path"], os.path.join(pipeline["vae"], "ckpt.pt"))
+    assert any(f.startswith("sample_") for f in os.listdir(pipeline["dit"]))  # the rollout sample was written
+    # the latent cache was built once, next to the data, and is reused by a second run
+    assert os.listdir(os.path.join(pipeline["data"], "latents"))
+
+
+@pytest.mark.parametrize("kind", ["vae", "dit"])
+def test_overfit_one_batch_halves_the_loss(pipeline, kind, tmp_path):
+    extra = ["--vae", pipeline["vae"]] if kind == "dit" else []
+    p = run(
+        "train.py",
+        kind,
+        "--preset",
+        "tiny",
+        "--data",
+        pipeline["data"],
+        "--out",
+        str(tmp_path / kind),
+        "--overfit",
+        "--steps",
+        "120",
+        "--log-every",
+        "10",
+        "--eval-every",
+        "1000",
+        "--save-every",
+        "1000",
+        "--sample-every",
+        "0",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "5",
+        "--wandb",
+        "disabled",
+        *extra,
+    )
+    ls = losses(p.stdout)
+    assert len(ls) >= 10
+    assert ls[-1] < 0.5 * ls[0], ls
+
+
+def test_resume_continues_exactly(pipeline, tmp_path):
+    """A run killed partway and resumed ends with the same weights as an uninterrupted run."""
+    common = [
+        "--preset",
+        "tiny",
+        "--data",
+        pipeline["data"],
+        "--vae",
+        pipeline["vae"],
+        "--steps",
+        "30",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "1000",
+        "--sample-every",
+        "0",
+        "--wandb",
+        "disabled",
+    ]
+    run("train.py", "dit", *common, "--out", str(tmp_path / "a"))
+    out_b = tmp_path / "b"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "dit", *common, "--out", str(out_b)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = out_b / "ckpt.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["step"] >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < killed_at < 30, killed_at
+    p = run("train.py", "dit", *common, "--out", str(out_b), "--resume")
+    assert f"from step {killed_at}" in p.stdout
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert b["step"] == 30
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    # the optimizer state was restored, not restarted: Adam's step counters match
+    steps_a = [s["step"] for s in a["optimizer"]["state"].values()]
+    steps_b = [s["step"] for s in b["optimizer"]["state"].values()]
+    assert steps_a == steps_b and float(steps_a[0]) == 30
+
+
+def test_torchrun_two_processes_gloo(pipeline, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    out = tmp_path / "ddp"
+    p = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "train.py",
+            "dit",
+            "--preset",
+            "tiny",
+            "--data",
+            pipeline["data"],
+            "--vae",
+            pipeline["vae"],
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--save-every",
+            "4",
+            "--eval-every",
+            "4",
+            "--sample-every",
+            "0",
+            "--device",
+            "cpu",
+            "--wandb",
+            "disabled",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 4 and ck["config"]["world_size"] == 2
+    assert [f for f in os.listdir(out) if f.endswith(".pt")] == ["ckpt.pt"]
+
+
+def one_line_error(p, *needles):
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    for n in needles:
+        assert n in p.stderr, p.stderr
+
+
+def test_bad_inputs(pipeline, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = run("train.py", "vae", "--preset", "tiny", "--data", str(empty), "--out", str(tmp_path / "x"), check=False)
+    one_line_error(p, str(empty))
+    p = run(
+        "train.py",
+        "dit",
+        "--preset",
+        "tiny",
+        "--data",
+        pipeline["data"],
+        "--vae",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path / "y"),
+        check=False,
+    )
+    one_line_error(p, "nope")
+    # resuming with an incompatible model config
+    p = run(
+        "train.py",
+        "dit",
+        "--preset",
+        "tiny",
+        "--data",
+        pipeline["data"],
+        "--vae",
+        pipeline["vae"],
+        "--out",
+        pipeline["dit"],
+        "--resume",
+        "--model",
+        "S",
+        check=False,
+    )
+    one_line_error(p, "--resume")
+    # a VAE checkpoint where a DiT is expected
+    shutil.copytree(pipeline["vae"], tmp_path / "wrong")
+    p = run(
+        "train.py",
+        "dit",
+        "--preset",
+        "tiny",
+        "--data",
+        pipeline["data"],
+        "--vae",
+        pipeline["vae"],
+        "--out",
+        str(tmp_path / "wrong"),
+        "--resume",
+        check=False,
+    )
+    one_line_error(p, "'vae'")

@@ -1,0 +1,710 @@
+"""Train the VAE, then the world model (DiT), on recorded Pong episodes.
+
+CPU smoke run (seconds, what the tests use):
+    python train.py vae --data data/pong --out runs/vae --preset tiny
+    python train.py dit --data data/pong --vae runs/vae --out runs/dit --preset tiny
+One GPU (`--preset gpu` is the default when CUDA is present):
+    python train.py vae --data data/pong --out runs/vae
+    python train.py dit --data data/pong --vae runs/vae --out runs/dit
+Several GPUs or nodes (DDP; NCCL on CUDA, gloo on CPU):
+    torchrun --standalone --nproc_per_node=8 train.py dit --data data/pong --vae runs/vae --out runs/dit
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py dit ...
+Resume a run after a crash or kill:
+    python train.py dit --data data/pong --vae runs/vae --out runs/dit --resume
+
+The DiT is trained with diffusion forcing: every frame of a window gets its own
+noise level, v-prediction on the sigmoid schedule. The latent cache (the dataset
+encoded once by the VAE) lives in DATA/latents/<vae fingerprint>/.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import utils
+from generate import load_vae
+from utils import arg
+
+VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    data: str = arg("data/pong", "recorded episodes (generate_dataset.py --out)")
+    out: str = arg("runs/run", "run directory: ckpt.pt, log.txt, config.json, samples")
+    vae: str = arg("", "dit only: VAE run dir or ckpt.pt whose latents the DiT models")
+    model: str = arg("S", "dit: DiT size (dit.DiT_models key); vae: VAE config (uvit_vae.VAE_CONFIGS key)")
+    steps: int = arg(1000, "total optimisation steps")
+    batch_size: int = arg(32, "batch size per process (frames for the VAE, windows for the DiT)")
+    seq_len: int = arg(16, "dit: frames per training window (the model's max_frames)")
+    lr: float = arg(3e-4, "peak learning rate")
+    min_lr_frac: float = arg(0.1, "cosine decay ends at lr * min_lr_frac")
+    warmup: int = arg(100, "linear warmup steps")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "gradient norm clip")
+    ema_decay: float = arg(0.999, "EMA decay of the weights")
+    ctx_noise_prob: float = arg(
+        0.0, "dit: share of windows trained GameNGen-style (clean-ish context, noisy last frame)"
+    )
+    ctx_noise_max: int = arg(300, "dit: max noise level of the context in those windows")
+    action_dropout: float = arg(0.1, "dit: share of frames whose action is replaced by 'unknown' (zeros)")
+    kl_weight: float = arg(1e-6, "vae: KL weight (per-element, relative to the reconstruction)")
+    crop: int = arg(0, "vae: train on random crops of this size (a multiple of 8; 0 = whole frames)")
+    fg_weight: float = arg(20.0, "vae: extra loss weight on pixels that differ from the static background")
+    val_fraction: float = arg(0.1, "share of episodes held out for validation")
+    log_every: int = arg(50, "steps between log lines (and NaN checks)")
+    eval_every: int = arg(500, "steps between validation losses")
+    sample_every: int = arg(1000, "dit: steps between autoregressive sample rollouts (0: off)")
+    save_every: int = arg(500, "steps between checkpoints")
+    max_minutes: float = arg(
+        0.0, "training time budget: the cosine schedule spans it, then the run saves and stops; 0 = none"
+    )
+    seed: int = arg(0, "random seed (each rank uses seed + rank)")
+    overfit: bool = arg(False, "debug aid: train on one fixed batch (same frames, noise and levels) every step")
+    resume: bool = arg(False, "continue from OUT/ckpt.pt")
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N")
+    compile: bool = arg(False, "torch.compile the model (CUDA only)")
+    wandb: str = arg("auto", "auto | online | offline | disabled", choices=["auto", "online", "offline", "disabled"])
+    wandb_project: str = arg("gamengen-mini", "wandb project")
+
+
+# fmt: off
+PRESETS = {
+    "vae": {
+        "tiny": dict(model="tiny", steps=30, batch_size=8, warmup=5, log_every=10, eval_every=30, save_every=30,
+                     ema_decay=0.9),
+        "cpu": dict(model="pong_cpu", steps=100_000, max_minutes=27, batch_size=8, lr=4e-4, ema_decay=0.995,
+                    eval_every=250, save_every=250),
+        "gpu": dict(model="pong", steps=4000, batch_size=64, lr=4e-4, warmup=200, eval_every=1000, save_every=1000),
+    },
+    "dit": {
+        "tiny": dict(model="tiny", steps=40, batch_size=4, seq_len=4, warmup=5, log_every=10, eval_every=20,
+                     sample_every=40, save_every=20, ema_decay=0.9),
+        "cpu": dict(model="XS", steps=100_000, max_minutes=40, batch_size=16, seq_len=6, lr=5e-4, warmup=200,
+                    ema_decay=0.998, eval_every=500, sample_every=1000, save_every=250),
+        "gpu": dict(model="S", steps=8000, batch_size=64, seq_len=16, lr=4e-4, warmup=300, ema_decay=0.9995,
+                    eval_every=1000, sample_every=2000, save_every=1000),
+    },
+}
+# fmt: on
+PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, for MFU
+
+
+# -----------------------------------------------------------------------------
+# distributed set-up
+
+
+def setup_distributed(cfg):
+    """Returns (rank, world, local_rank, device). DDP switches on when torchrun sets RANK."""
+    ddp = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device == "auto":
+        dev = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    elif cfg.device == "cuda" and ddp:
+        dev = f"cuda:{local}"
+    else:
+        dev = cfg.device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        utils.die(f"--device {cfg.device}: CUDA is not available on this machine")
+    device = torch.device(dev)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if ddp:
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+# -----------------------------------------------------------------------------
+# data: whole episodes kept on the training device, windows gathered by index
+
+
+def load_split(data, val_fraction):
+    """Comma-separated data dirs -> (train files, val files, frame size); each dir is split by episode."""
+    import dataset
+
+    train, val, sizes = [], [], set()
+    for d in data.split(","):
+        if not os.path.isdir(d):
+            utils.die(f"--data {d}: no such directory")
+        try:
+            files = dataset.list_episodes(d)
+            with open(os.path.join(d, "meta.json")) as f:
+                sizes.add(json.load(f)["frame_size"])
+        except (OSError, ValueError, KeyError) as e:
+            utils.die(f"--data {d}: {e}")
+        if not files:
+            utils.die(f"--data {d}: no episode_*.npz files found")
+        tr, va = dataset.split_episodes(files, val_fraction)
+        train, val = train + tr, val + va
+    if len(sizes) > 1:
+        utils.die(f"--data {data}: the directories were recorded at different frame sizes {sorted(sizes)}")
+    return train, val, sizes.pop()
+
+
+class WindowBank:
+    """All episodes of a split concatenated on one device; samples windows that never cross an episode."""
+
+    def __init__(self, arrays, actions, seq_len, device):
+        # arrays: list of (N_i, ...) per episode; actions: list of (N_i,) int
+        self.seq_len = seq_len
+        lens = [len(a) for a in arrays]
+        starts, off = [], 0
+        for n in lens:
+            starts.extend(range(off, off + n - seq_len + 1))
+            off += n
+        if not starts:
+            raise ValueError(f"no episode has {seq_len} frames")
+        self.data = torch.from_numpy(np.concatenate(arrays)).to(device)
+        self.actions = torch.from_numpy(np.concatenate(actions)).long().to(device)
+        self.starts = torch.tensor(starts, device=device)
+        self.device = device
+
+    def __len__(self):
+        return len(self.starts)
+
+    def get(self, idx):
+        """idx (B,) indices into starts -> data (B, T, ...), actions (B, T)."""
+        pos = self.starts[idx][:, None] + torch.arange(self.seq_len, device=self.device)
+        return self.data[pos], self.actions[pos]
+
+    def sample(self, batch_size, gen):
+        idx = torch.randint(len(self.starts), (batch_size,), generator=gen, device="cpu").to(self.device)
+        return self.get(idx)
+
+
+def to_float_frames(x):
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
+    return x.movedim(-1, -3).float().div(127.5).sub(1.0)
+
+
+def shift_actions(actions, num_actions=utils.NUM_ACTIONS):
+    """Recorded actions[k] leads to frame k+1; the DiT wants, at frame j, the action that led to it."""
+    onehot = F.one_hot(actions, num_actions).float()  # (B, T, A)
+    cond = torch.zeros_like(onehot)
+    cond[:, 1:] = onehot[:, :-1]  # frame 0 of a window: action unknown (zeros)
+    return cond
+
+
+# -----------------------------------------------------------------------------
+# the VAE's latent cache
+
+
+def vae_fingerprint(vae_ckpt_path):
+    h = hashlib.sha256()
+    with open(vae_ckpt_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def resolve_vae_path(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    return path
+
+
+def latent_path(episode_file, fingerprint):
+    return os.path.join(os.path.dirname(episode_file), "latents", fingerprint, _stem(episode_file) + ".npy")
+
+
+@torch.no_grad()
+def build_latent_cache(files, vae_path, device, master):
+    """Encode every episode once to <its dir>/latents/<VAE fingerprint>/episode_*.npy (posterior means, unscaled).
+
+    The fingerprint hashes the VAE checkpoint file, so a new VAE gets a new cache; the
+    recorder refuses to mix frame sizes in one directory, so a cache never goes stale.
+    """
+    import dataset
+
+    fp = vae_fingerprint(vae_path)
+    todo = [f for f in files if not os.path.isfile(latent_path(f, fp))]
+    if master and todo:
+        from tqdm import tqdm
+
+        vae = load_vae(vae_path, device)
+        for f in tqdm(todo, desc="encoding the latent cache", unit="episode"):
+            frames = dataset.load_episode(f)["frames"]
+            lat = [
+                vae.encode(to_float_frames(torch.from_numpy(c).to(device))).mean.half().cpu()
+                for c in np.split(frames, range(256, len(frames), 256))
+            ]
+
+            def write(tmp, arr=torch.cat(lat).numpy()):
+                with open(tmp, "wb") as fh:
+                    np.save(fh, arr)
+
+            utils._atomic(latent_path(f, fp), write)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return fp
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+# -----------------------------------------------------------------------------
+# schedule, EMA, checkpoints
+
+
+def lr_at(step, progress, cfg):
+    """Linear warmup, then cosine decay over `progress` in [0, 1] (steps done, or time used of --max-minutes)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = min(1.0, progress)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def save_checkpoint(path, model, ema, opt, step, config, elapsed, gen):
+    state = {
+        "elapsed": elapsed,
+        "rng": {"gen": gen.get_state(), "torch": torch.get_rng_state()},  # so a resumed run continues exactly
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "config": config,
+        "version": VERSION,
+    }
+    utils.atomic_torch_save(state, path)
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+
+class Logger:
+    """stdout + RUN/log.txt + wandb (rank 0 only)."""
+
+    def __init__(self, cfg, kind, master, config):
+        self.master = master
+        self.run = None
+        if not master:
+            return
+        os.makedirs(cfg.out, exist_ok=True)
+        self.file = open(os.path.join(cfg.out, "log.txt"), "a")
+        mode = cfg.wandb
+        try:
+            import wandb
+        except ImportError:
+            wandb = None
+            if mode in ("online", "offline"):
+                utils.die("--wandb online/offline needs the wandb package (pip install wandb)")
+            mode = "disabled"
+        if mode == "auto":
+            mode = "online" if (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()) else "offline"
+        if mode != "disabled":
+            name = f"pong__{kind}__{cfg.seed}__{int(time.time())}"
+            self.run = wandb.init(project=cfg.wandb_project, name=name, config=config, dir=cfg.out, mode=mode)
+            self.wandb = wandb
+
+    def log(self, step, values, msg=None):
+        if not self.master:
+            return
+        if msg is None:
+            msg = f"step {step:6d} " + " ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+            )
+        print(msg, flush=True)
+        self.file.write(msg + "\n")
+        self.file.flush()
+        if self.run is not None:
+            self.run.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def media(self, step, key, path):
+        if self.run is not None:
+            self.run.log({key: self.wandb.Video(path, format=path.rsplit(".", 1)[-1])}, step=step)
+
+    def close(self):
+        if self.run is not None:
+            self.run.finish()
+
+
+def _wandb_logged_in():
+    netrc = os.path.expanduser("~/.netrc")
+    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+# -----------------------------------------------------------------------------
+# the two kinds of model: batch -> loss, plus their validation
+
+
+class VAEForward(torch.nn.Module):
+    """encode -> sample -> decode as one forward, so DDP and compile can wrap the VAE."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, 3, H, W), posterior
+        post = self.vae.encode(x)
+        return self.vae.decode(post.sample()), post
+
+
+class VAETask:
+    """Reconstruction (background-weighted L1 + L2) plus a small KL, on single frames."""
+
+    def __init__(self, cfg, device, master):
+        import dataset
+        from uvit_vae import build_vae
+
+        train_files, val_files, self.frame_size = load_split(cfg.data, cfg.val_fraction)
+        if cfg.crop and (cfg.crop % 8 or cfg.crop > self.frame_size):
+            utils.die(f"--crop {cfg.crop}: must be a multiple of 8 and at most the frame size {self.frame_size}")
+        frames = [dataset.load_episode(f)["frames"] for f in train_files]
+        self.train = WindowBank(frames, [np.zeros(len(f), np.int64) for f in frames], 1, device)
+        vf = [dataset.load_episode(f)["frames"] for f in val_files] or frames[:1]
+        self.val = WindowBank(vf, [np.zeros(len(f), np.int64) for f in vf], 1, device)
+        # The static background: the per-pixel median over a sample of training frames.
+        g = torch.Generator().manual_seed(0)
+        sample, _ = self.train.sample(min(512, len(self.train)), g)
+        self.background = to_float_frames(sample[:, 0]).median(dim=0).values  # (3, H, W)
+        overrides = (
+            {"ch": 16, "ch_mult": (1, 1, 2, 2), "num_res_blocks": 1, "norm_groups": 8} if cfg.model == "tiny" else {}
+        )
+        self.model = build_vae("pong" if cfg.model == "tiny" else cfg.model, **overrides).to(device)
+        self.model_config = dict(self.model.config)
+        self.forward_module = VAEForward(self.model)
+        self.cfg, self.device = cfg, device
+
+    def weights(self, x, bg):
+        fg = ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()  # (B, 1, H, W)
+        return 1.0 + self.cfg.fg_weight * fg
+
+    def loss(self, model, gen):
+        x, _ = self.train.sample(self.cfg.batch_size, gen)
+        x = to_float_frames(x[:, 0])  # (B, 3, H, W)
+        bg = self.background
+        if self.cfg.crop:  # a convolutional VAE learns from crops; aligned to the latent grid
+            c, size = self.cfg.crop, x.shape[-1]
+            i, j = (8 * torch.randint(0, (size - c) // 8 + 1, (2,), generator=gen)).tolist()
+            x, bg = x[..., i : i + c, j : j + c], bg[..., i : i + c, j : j + c]
+        rec, post = model(x)
+        w = self.weights(x, bg)
+        err = rec.float() - x
+        rec_loss = (w * (err.abs() + err.square())).mean() / w.mean()
+        kl = post.kl().mean() / x[0].numel()
+        return rec_loss + self.cfg.kl_weight * kl, {"rec": rec_loss.detach(), "kl": kl.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, model, step, logger):
+        m = vae_metrics(model, self.val, self.device, n=256)
+        return {"val_psnr": m["psnr"], "val_ball_kept": m["ball_kept"]}
+
+    def finalize_config(self, model):
+        """The latent scaling factor: 1 / std of the posterior means over training frames."""
+        g = torch.Generator().manual_seed(1)
+        x, _ = self.train.sample(min(512, len(self.train)), g)
+        with torch.no_grad():
+            z = torch.cat([model.encode(to_float_frames(c[:, 0])).mean for c in x.split(64)])
+        return {"scaling_factor": float(1.0 / z.float().std())}
+
+
+@torch.no_grad()
+def vae_metrics(vae, bank, device, n=256):
+    """PSNR (dB, on [0,255] uint8 frames) and the share of real balls still detected after reconstruction."""
+    idx = torch.linspace(0, len(bank) - 1, min(n, len(bank))).long().to(device)
+    real, _ = bank.get(idx)
+    real = real[:, 0]
+    rec = torch.cat([vae.decode(vae.encode(to_float_frames(c)).mean) for c in real.split(64)])
+    rec_u8 = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(1, -1)
+    mse = (rec_u8.float() - real.float()).square().mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    psnr = (10 * torch.log10(255.0**2 / mse)).mean().item()
+    d_real = utils.detect_objects(real.cpu().numpy())
+    d_rec = utils.detect_objects(rec_u8.cpu().numpy())
+    has = d_real["ball_present"]
+    kept = float((d_rec["ball_present"][has]).mean()) if has.any() else float("nan")
+    return {"psnr": psnr, "ball_kept": kept, "n": int(len(idx)), "n_ball": int(has.sum())}
+
+
+class DiTTask:
+    """Diffusion forcing on VAE latents: an independent noise level per frame, v-prediction."""
+
+    def __init__(self, cfg, device, master):
+        import dataset
+        from dit import DiT_models
+
+        if not cfg.vae:
+            utils.die("train.py dit needs --vae (a VAE run dir or ckpt.pt from `train.py vae`)")
+        vae_path = resolve_vae_path(cfg.vae)
+        if not os.path.isfile(vae_path):
+            utils.die(f"--vae {cfg.vae}: no VAE checkpoint at {vae_path}")
+        self.vae = load_vae(vae_path, device)
+        self.scale = float(self.vae.scaling_factor)
+        train_files, val_files, frame_size = load_split(cfg.data, cfg.val_fraction)
+        fp = build_latent_cache(train_files + val_files, vae_path, device, master)
+
+        def bank(files):
+            lat = [np.load(latent_path(f, fp)).astype(np.float32) * self.scale for f in files]
+            act = [dataset.load_episode(f)["actions"] for f in files]
+            return WindowBank(lat, act, cfg.seq_len, device)
+
+        self.train = bank(train_files)
+        self.val = bank(val_files) if val_files else self.train
+        self.val_files = val_files or train_files
+        c, h, w = self.train.data.shape[1:]
+        self.model = DiT_models[cfg.model](
+            input_h=h, input_w=w, in_channels=c, max_frames=cfg.seq_len, action_dim=utils.NUM_ACTIONS
+        ).to(device)
+        self.model_config = dict(self.model.config)
+        self.forward_module = self.model
+        self.extra_config = {
+            "vae_path": os.path.abspath(vae_path),
+            "vae_fingerprint": vae_fingerprint(vae_path),
+            "latent_scale": self.scale,
+            "frame_size": frame_size,
+        }
+        self.ac = utils.alphas_cumprod_schedule().to(device)
+        self.cfg, self.device = cfg, device
+        self.tokens_per_sample = cfg.seq_len * (h // self.model.patch_size) * (w // self.model.patch_size)
+
+    def noise_levels(self, B, T, gen):
+        t = torch.randint(0, utils.NUM_TIMESTEPS, (B, T), generator=gen)
+        if self.cfg.ctx_noise_prob > 0:
+            # GameNGen-style windows: a lightly noised context and a fully random last frame.
+            pick = torch.rand(B, generator=gen) < self.cfg.ctx_noise_prob
+            ctx = torch.randint(0, self.cfg.ctx_noise_max + 1, (B, T), generator=gen)
+            t = torch.where(pick[:, None], torch.cat([ctx[:, :-1], t[:, -1:]], 1), t)
+        return t
+
+    def make_batch(self, bank, B, gen):
+        x0, actions = bank.sample(B, gen)  # (B, T, C, H, W), (B, T)
+        T = x0.shape[1]
+        t = self.noise_levels(B, T, gen).to(self.device)
+        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        cond = shift_actions(actions)
+        if self.cfg.action_dropout > 0:
+            keep = (torch.rand(B, T, 1, generator=gen) >= self.cfg.action_dropout).float().to(self.device)
+            cond = cond * keep
+        return x0, t, noise, cond
+
+    def loss_on(self, model, x0, t, noise, cond):
+        x_t = utils.q_sample(x0, t, noise, self.ac)
+        v = model(x_t, t, cond)
+        return F.mse_loss(v.float(), utils.v_target(x0, noise, t, self.ac))
+
+    def loss(self, model, gen):
+        loss = self.loss_on(model, *self.make_batch(self.train, self.cfg.batch_size, gen))
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(self, model, step, logger):
+        g = torch.Generator().manual_seed(1234)  # the same windows, noise and levels every time
+        losses = [self.loss_on(model, *self.make_batch(self.val, self.cfg.batch_size, g)).item() for _ in range(4)]
+        return {"val_loss": float(np.mean(losses))}
+
+    @torch.no_grad()
+    def sample(self, model, step, logger):
+        """A short autoregressive rollout against the real frames of a validation episode."""
+        import dataset
+        import generate
+
+        ep = dataset.load_episode(self.val_files[0])
+        n = min(len(ep["frames"]) - 1, 2 * self.cfg.seq_len)
+        engine = generate.WorldModel(model, self.vae, self.scale, self.device, steps=8)
+        fake = engine.rollout(ep["frames"][:1], torch.from_numpy(ep["actions"][: n - 1]))
+        real = ep["frames"][:n]
+        psnr = float(np.mean([generate.psnr(a, b) for a, b in zip(real[1:], fake[1:])]))
+        path = os.path.join(self.cfg.out, f"sample_{step:07d}.gif")
+        generate.write_video(path, np.concatenate([real, fake], axis=2), fps=15)
+        logger.media(step, "sample", path)
+        return {"sample_psnr": psnr}
+
+    def finalize_config(self, model):
+        return {}
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(kind, cfg):
+    rank, world, device = setup_distributed(cfg)
+    master = rank == 0
+    utils.seed_everything(cfg.seed + rank)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    if cfg.resume and not os.path.isfile(ckpt_path):
+        utils.die(f"--resume: no checkpoint at {ckpt_path}")
+    if not cfg.resume and os.path.isfile(ckpt_path):
+        utils.die(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+
+    task = (VAETask if kind == "vae" else DiTTask)(cfg, device, master)
+    model = task.model
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=device.type == "cuda"
+    )
+    config = {
+        "kind": kind,
+        "model": task.model_config,
+        "train": dataclasses.asdict(cfg),
+        "world_size": world,
+        **getattr(task, "extra_config", {}),
+    }
+    step, elapsed0 = 0, 0.0
+    if cfg.resume:
+        ck = utils.load_checkpoint(ckpt_path, kind=kind)
+        if (
+            ck["config"]["model"] != json.loads(json.dumps(task.model_config))
+            and ck["config"]["model"] != task.model_config
+        ):
+            utils.die(
+                f"--resume: {ckpt_path} was trained with model config {ck['config']['model']}, "
+                f"this run builds {task.model_config}"
+            )
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        step = ck["step"]
+        elapsed0 = ck.get("elapsed", 0.0)
+        if world == 1 and "rng" in ck:
+            gen.set_state(ck["rng"]["gen"])
+            torch.set_rng_state(ck["rng"]["torch"])
+        config.update({k: v for k, v in ck["config"].items() if k == "scaling_factor"})
+    if master:
+        os.makedirs(cfg.out, exist_ok=True)
+        utils.atomic_write_text(os.path.join(cfg.out, "config.json"), json.dumps(config, indent=1, default=str))
+    logger = Logger(cfg, kind, master, config)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.log(step, {}, f"{kind}: {n_params / 1e6:.2f}M parameters on {device} x{world}, from step {step}")
+
+    train_model = task.forward_module
+    if cfg.compile and device.type == "cuda":
+        train_model = torch.compile(train_model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    flops_per_sample = None
+    if kind == "dit":
+        from dit import flops_per_frame
+
+        flops_per_sample = 3 * flops_per_frame(model) * cfg.seq_len  # forward + backward
+    peak = next(
+        (v for k, v in PEAK_FLOPS_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)),
+        None,
+    )
+
+    t0 = time.time()
+    elapsed = lambda: elapsed0 + time.time() - t0  # training seconds, across resumes
+
+    def progress():
+        p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        if cfg.max_minutes > 0:
+            p = max(p, elapsed() / (cfg.max_minutes * 60))
+        return p
+
+    def checkpoint(at):
+        if master:
+            config.update(task.finalize_config(ema))
+            save_checkpoint(ckpt_path, model, ema, opt, at, config, elapsed(), gen)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True, desc=kind)
+    t_log, last_saved = time.time(), step
+    loss_sum = torch.zeros((), device=device)
+    start_step = step
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr = lr_at(step, progress(), cfg)
+        if cfg.overfit:
+            gen.manual_seed(cfg.seed + rank)
+            torch.manual_seed(cfg.seed + rank)
+        with amp:
+            loss, extras = task.loss(train_model, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, model, cfg.ema_decay if step >= cfg.warmup else 0.0)
+        loss_sum += loss.detach()
+        step += 1
+        bar.update(1)
+        last = step == cfg.steps or (cfg.max_minutes > 0 and elapsed() > cfg.max_minutes * 60)
+        if step % cfg.log_every == 0 or last:
+            n = (step - 1) % cfg.log_every + 1
+            mean_loss = loss_sum.item() / n
+            loss_sum.zero_()
+            if not math.isfinite(mean_loss):
+                bar.close()
+                utils.die(
+                    f"loss became {mean_loss} near step {step}; stopping. The last good checkpoint "
+                    f"(step {last_saved}) is kept at {ckpt_path}",
+                    code=3,
+                )
+            dt = time.time() - t_log
+            t_log = time.time()
+            sps = n * cfg.batch_size * world / dt
+            vals = {
+                "loss": mean_loss,
+                "lr": lr,
+                "grad_norm": gnorm.item(),
+                "samples_s": sps,
+                **{k: float(v) for k, v in extras.items()},
+            }
+            if kind == "dit":
+                vals["tokens_s"] = sps * task.tokens_per_sample
+                if peak:
+                    vals["mfu"] = sps * flops_per_sample / (peak * world)
+            logger.log(step, vals)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+        if master and (step % cfg.eval_every == 0 or last):
+            ema.eval()
+            logger.log(step, task.evaluate(ema, step, logger))
+        if master and kind == "dit" and cfg.sample_every and (step % cfg.sample_every == 0 or last):
+            logger.log(step, task.sample(ema, step, logger))
+        if step % cfg.save_every == 0 or last:
+            if not math.isfinite(loss.item()):
+                utils.die(
+                    f"loss became non-finite at step {step}; last good checkpoint (step {last_saved}) kept", code=3
+                )
+            checkpoint(step)
+            last_saved = step
+        if last:
+            break
+    bar.close()
+    if step > start_step and last_saved != step:
+        checkpoint(step)
+    logger.log(step, {}, f"done: step {step}, {elapsed():.0f}s of training, checkpoint {ckpt_path}")
+    logger.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    kind = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in PRESETS else None
+    if kind is None:
+        if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+            print(__doc__)
+            print("usage: train.py {vae,dit} [--help] [flags]")
+            sys.exit(0)
+        utils.die("usage: train.py {vae,dit} [flags]; see train.py vae --help")
+    argv = sys.argv[2:]
+    if "--preset" not in argv and not any(a.startswith("--preset=") for a in argv) and not {"-h", "--help"} & set(argv):
+        argv = ["--preset", "gpu" if torch.cuda.is_available() else "cpu"] + argv
+    cfg = utils.parse_config(
+        TrainConfig, argv, presets=PRESETS[kind], description=f"train.py {kind}: " + __doc__.splitlines()[0]
+    )
+    main(kind, cfg)

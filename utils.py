@@ -1,0 +1,297 @@
+"""Shared pieces: config-to-CLI, seeding, atomic writes, Pong frame helpers,
+and the diffusion maths (sigmoid schedule, v-prediction, DDIM).
+
+Imports only torch, numpy and the standard library at module level, so the
+training and generation code runs on a bare GPU image (cv2 is imported lazily).
+"""
+
+import argparse
+import dataclasses
+import os
+import random
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# config dataclass -> argparse, with presets
+
+
+def arg(default, help, **kw):
+    """A dataclass field whose help text becomes the --help line."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: default, metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def parse_config(cls, argv=None, presets=None, description=None, positional=None):
+    """Build a CLI from a config dataclass: every field becomes --hyphenated-flag.
+
+    presets: {name: {field: value}} applied before explicit flags, so a flag given
+    on the command line always wins over the preset (nothing is silently overwritten).
+    positional: optional (name, choices, help) for a leading positional argument.
+    """
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if positional:
+        p.add_argument(positional[0], choices=positional[1], help=positional[2])
+    if presets:
+        p.add_argument("--preset", choices=sorted(presets), default=None, help="preset of defaults")
+    for f in dataclasses.fields(cls):
+        name = "--" + f.name.replace("_", "-")
+        h = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=f"{h} (default: {default})")
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            if typ in (int, float, str):
+                p.add_argument(
+                    name, type=typ, default=None, help=f"{h} (default: {default})", choices=f.metadata.get("choices")
+                )
+            else:
+                raise TypeError(f"unsupported field type {f.type} for {f.name}")
+    ns = p.parse_args(argv)
+    values = {}
+    if presets and ns.preset:
+        values.update(presets[ns.preset])
+    for f in dataclasses.fields(cls):
+        v = getattr(ns, f.name)
+        if v is not None:
+            values[f.name] = v
+    cfg = cls(**values)
+    if positional:
+        return getattr(ns, positional[0]), cfg
+    return cfg
+
+
+def die(msg, code=2):
+    """One clear line on stderr and a non-zero exit: for mistakes of the user's."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# atomic writes: a killed process never leaves a half-written file behind
+
+
+def _atomic(path, write):
+    path = str(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_torch_save(obj, path):
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_savez(path, **arrays):
+    """np.savez_compressed, atomically. `path` should end in .npz."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    _atomic(path, write)
+
+
+def atomic_write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic(path, write)
+
+
+def load_checkpoint(path, kind=None):
+    """torch.load(weights_only=True) with a clear error for a missing, corrupt or wrong-kind file."""
+    if not os.path.isfile(path):
+        die(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's bad file
+        die(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        die(f"{path} is not a GameNGen-Mini checkpoint (no 'config' entry)")
+    found = ckpt["config"].get("kind")
+    if kind is not None and found != kind:
+        die(f"{path} is a {found!r} checkpoint, expected a {kind!r} checkpoint")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Pong
+
+ACTION_NAMES = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
+NUM_ACTIONS = len(ACTION_NAMES)
+ATARI_H, ATARI_W = 210, 160
+# Rows of the 210x160 screen that hold the play field (between the white walls).
+FIELD_TOP, FIELD_BOTTOM = 34, 194
+COLOR_BALL = (236, 236, 236)
+COLOR_PLAYER = (92, 186, 92)  # right paddle, the agent's
+COLOR_OPPONENT = (213, 130, 74)  # left paddle, the CPU's
+COLOR_BACKGROUND = (144, 72, 17)
+
+
+def resize_frame(frame, size):
+    """(210, 160, 3) uint8 -> (size, size, 3) uint8 with area averaging.
+
+    Area averaging keeps the 2x4 pixel ball as a blended blob instead of
+    dropping it, as nearest-neighbour sampling can at small sizes.
+    """
+    import cv2
+
+    return cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
+
+
+# Inside the play field a frame holds only the background and three object colours,
+# and area resizing blends them linearly, so each pixel is bg + sum_o cover_o * (color_o - bg).
+# Solving that 3x3 system gives every object's coverage fraction per pixel ("unmixing").
+_OBJ_DELTAS = np.array([COLOR_BALL, COLOR_PLAYER, COLOR_OPPONENT], np.float32) - np.float32(COLOR_BACKGROUND)
+_UNMIX = np.linalg.inv(_OBJ_DELTAS).astype(np.float32)  # (rgb - bg) @ _UNMIX -> (ball, player, opponent)
+_COVER_MIN = 0.1  # per-pixel coverage below this is uint8 rounding noise (which is < 0.03)
+
+
+def _field_rows(h):
+    """Rows [r0, r1) of an h-row frame that touch the play field, and the white-wall fraction of each."""
+    sy = ATARI_H / h
+    r0, r1 = int(np.floor(FIELD_TOP / sy)), int(np.ceil(FIELD_BOTTOM / sy))
+    lo, hi = np.arange(r0, r1) * sy, np.arange(r0 + 1, r1 + 1) * sy
+    wall = (np.clip(FIELD_TOP - lo, 0, sy) + np.clip(hi - FIELD_BOTTOM, 0, sy)) / sy
+    return r0, r1, wall.astype(np.float32)
+
+
+def detect_objects(frames, chunk=4096):
+    """Find the ball and both paddles in Pong frames by colour, vectorized over any leading dims.
+
+    frames: (..., H, W, 3) uint8, a raw 210x160 frame or one area-resized from it (resize_frame).
+    Returns a dict of numpy arrays, positions in pixel-index coordinates of the given frame
+    (the centre of pixel column j is x=j), NaN where the object is absent:
+      ball_present (...,) bool, ball_xy (..., 2) float (x, y), player_y (...,), opponent_y (...,).
+    Only rows of the play field count (the walls are white like the ball, the score digits
+    share the paddle colours); wall blended into the border rows is subtracted exactly.
+    A coverage-weighted centroid gives sub-pixel positions. The player's paddle is searched in
+    the right half, the opponent's in the left half. The first frame after a reset uses another
+    palette: frames whose field is not mostly Pong's background report every object absent.
+    """
+    frames = np.asarray(frames)
+    lead, (h, w) = frames.shape[:-3], frames.shape[-3:-1]
+    flat = frames.reshape(-1, h * w, 3)
+    r0, r1, wall = _field_rows(h)
+    area = (ATARI_H / h) * (ATARI_W / w)  # input pixels per output pixel
+    ball_min, paddle_min = 0.4 * 8 / area, 4 / area  # 40% of the 2x4 ball; one row of the 4-wide paddle
+    # Every object raises the blue channel above what background (and wall, in the border
+    # rows) gives, so this threshold finds each pixel covered >= ~5% by anything; the
+    # unmixing then runs on those few pixels only.
+    blue_max = np.floor(COLOR_BACKGROUND[2] + 2.5 + wall * (COLOR_BALL[2] - COLOR_BACKGROUND[2])).astype(np.uint8)
+    bx, by, py, oy = (np.full(len(flat), np.nan, np.float32) for _ in range(4))
+    for i in range(0, len(flat), chunk):
+        f = flat[i : i + chunk]  # (B, h*w, 3)
+        n = len(f)
+        blue = f[:, r0 * w : r1 * w, 2].reshape(n, r1 - r0, w)
+        idx = np.flatnonzero(blue > blue_max[:, None])  # into (B, rows, W)
+        b, rc = np.divmod(idx, (r1 - r0) * w)
+        r, c = np.divmod(rc, w)
+        cover = (f.reshape(-1, 3)[b * h * w + (r + r0) * w + c] - np.float32(COLOR_BACKGROUND)) @ _UNMIX  # (K, 3)
+        cover[:, 0] -= wall[r]
+        cover = np.where(cover > _COVER_MIN, np.minimum(cover, 1.0), 0.0)
+        y, right = r + r0, c >= w // 2
+        sums = lambda weights=None, b=b, n=n: np.bincount(b, weights, minlength=n)  # per-frame sums
+        # the reset frame has another palette (its background's blue is 43, Pong's 17): no play frame
+        play = blue[:, ::2, ::2].mean((1, 2)) < 30
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = sums(weights=cover[:, 0])
+            ok = (m >= ball_min) & play
+            bx[i : i + n] = np.where(ok, sums(weights=cover[:, 0] * c) / m, np.nan)
+            by[i : i + n] = np.where(ok, sums(weights=cover[:, 0] * y) / m, np.nan)
+            for out, cov in ((py, cover[:, 1] * right), (oy, cover[:, 2] * ~right)):
+                m = sums(weights=cov)
+                out[i : i + n] = np.where((m >= paddle_min) & play, sums(weights=cov * y) / m, np.nan)
+    return {
+        "ball_present": ~np.isnan(bx).reshape(lead),
+        "ball_xy": np.stack([bx, by], -1).reshape(*lead, 2),
+        "player_y": py.reshape(lead),
+        "opponent_y": oy.reshape(lead),
+    }
+
+
+# -----------------------------------------------------------------------------
+# diffusion: sigmoid schedule, v-prediction, DDIM
+
+NUM_TIMESTEPS = 1000
+
+
+def sigmoid_beta_schedule(timesteps=NUM_TIMESTEPS, start=-3.0, end=3.0, tau=1.0, clamp_min=1e-5):
+    """Betas whose alpha_bar follows a sigmoid in t (Jabri et al. 2022), as used by Oasis."""
+    t = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64) / timesteps
+    v_start = torch.tensor(start / tau).sigmoid()
+    v_end = torch.tensor(end / tau).sigmoid()
+    alphas_cumprod = (-((t * (end - start) + start) / tau).sigmoid() + v_end) / (v_end - v_start)
+    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+    betas = 1 - (alphas_cumprod[1:] / alphas_cumprod[:-1])
+    return torch.clip(betas, 0, 0.999)
+
+
+def alphas_cumprod_schedule(timesteps=NUM_TIMESTEPS):
+    """alpha_bar[t] for t in [0, timesteps), float32."""
+    return torch.cumprod(1.0 - sigmoid_beta_schedule(timesteps), dim=0).float()
+
+
+def _bc(a, x):
+    """Broadcast a per-frame coefficient (..., ) against x (..., C, H, W)."""
+    return a.reshape(*a.shape, *([1] * (x.ndim - a.ndim)))
+
+
+def q_sample(x0, t, noise, ac):
+    """x_t = sqrt(ab) x0 + sqrt(1-ab) eps, with t of shape x0.shape[:-3]."""
+    ab = _bc(ac[t], x0)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def v_target(x0, noise, t, ac):
+    """v = sqrt(ab) eps - sqrt(1-ab) x0."""
+    ab = _bc(ac[t], x0)
+    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+
+def x0_from_v(x_t, v, t, ac):
+    ab = _bc(ac[t], x_t)
+    return ab.sqrt() * x_t - (1 - ab).sqrt() * v
+
+
+def eps_from_v(x_t, v, t, ac):
+    ab = _bc(ac[t], x_t)
+    return (1 - ab).sqrt() * x_t + ab.sqrt() * v
+
+
+def ddim_timesteps(steps, timesteps=NUM_TIMESTEPS):
+    """Descending integer timesteps for a `steps`-step DDIM sampler, starting at T-1."""
+    return torch.linspace(timesteps - 1, 0, steps + 1).round().long()[:-1].tolist() + [-1]
+
+
+def ddim_step(x_t, v, t, t_next, ac):
+    """One deterministic DDIM step (eta=0) from t to t_next; t_next < 0 means 'to x0'."""
+    x0 = x0_from_v(x_t, v, t, ac)
+    if t_next < 0:
+        return x0
+    eps = eps_from_v(x_t, v, t, ac)
+    ab_next = ac[t_next]
+    return ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps

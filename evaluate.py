@@ -49,10 +49,13 @@ from utils import arg
 class EvalConfig:
     ckpt: str = arg(generate.DEFAULT_CKPT, "DiT checkpoint (train.py dit, or the bundled one)")
     vae: str = arg("", "VAE checkpoint; default: the one the DiT checkpoint records")
-    data: str = arg("data/heldout", "held-out recorded episodes (a seed and epsilon never used for training)")
+    data: str = arg("data/pong_heldout", "held-out recorded episodes (a seed and epsilon never used for training)")
     out: str = arg("runs/eval", "output directory: metrics.json, metrics.png")
     steps: int = arg(4, "DDIM denoising steps per frame")
     context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
+    window: str = arg(
+        "chunk", "how the context window moves once full (generate.WINDOW_MODES)", choices=["exact", "chunk", "stream"]
+    )
     context: int = arg(0, "real context frames for teacher forcing and controllability; 0 = the model's max_frames-1")
     prompt: int = arg(0, "real prompt frames before each autoregressive rollout; 0 = --context")
     rollouts: int = arg(64, "autoregressive rollouts, start points spread evenly over the held-out episodes")
@@ -371,7 +374,9 @@ def main(cfg, argv=()):
     dit, dconf = generate.load_dit(cfg.ckpt, device, cfg.ema)
     vae_path = generate.find_vae(cfg.ckpt, dconf, cfg.vae)
     vae = generate.load_vae(vae_path, device)
-    make = lambda st, cn: generate.WorldModel(dit, vae, dconf["latent_scale"], device, st, cn, seed=cfg.seed)
+    make = lambda st, cn: generate.WorldModel(
+        dit, vae, dconf["latent_scale"], device, st, cn, seed=cfg.seed, window=cfg.window
+    )
     engine = make(cfg.steps, cfg.context_noise)
     max_ctx = dit.max_frames - 1
     ctx = cfg.context or max_ctx

@@ -337,13 +337,17 @@ def main(cfg):
             else torch.zeros(n_actions, dtype=torch.long)
         )
     actions = actions[:n_actions]
+    n = len(prompt)  # with several prompt frames, actions[:n-1] are the moves between them
+    if n >= cfg.frames:
+        utils.die(f"--frames {cfg.frames}: must exceed the {n} prompt frames")
 
     from tqdm import tqdm
 
-    engine.reset(np.repeat(prompt[None], cfg.batch, 0))
-    frames = [np.repeat(prompt[-1:][None], cfg.batch, 0)]
+    rep = lambda z: np.repeat(np.asarray(z)[None], cfg.batch, 0)
+    engine.reset(rep(prompt), rep(actions[: n - 1]) if n > 1 else None)
+    frames = [rep(prompt)]  # (batch, n, H, W, 3)
     a = actions.to(device)
-    for k in tqdm(range(len(actions)), desc="generating", unit="frame"):
+    for k in tqdm(range(n - 1, len(actions)), desc="generating", unit="frame"):
         frames.append(engine.step(a[k : k + 1].expand(cfg.batch)).cpu().numpy()[:, None])
     frames = np.concatenate(frames, 1)  # (batch, N, H, W, 3)
     for b in range(cfg.batch):

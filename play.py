@@ -4,7 +4,8 @@ With the bundled model (CPU is fine; a window opens):
     python play.py
 Faster / bigger, on one GPU:
     python play.py --device cuda --steps 4 --fps 30 --scale 8
-Record a game, then replay its keys through generate.py (same prompt, seed and steps: same frames):
+Record a game, then replay its keys through generate.py (it prints the exact command; same prompt,
+seed, steps, --context-noise and --window give the same frames, bit for bit):
     python play.py --record runs/game.mp4          # also runs/game.actions.pt, runs/game.npz, runs/game.prompt.png
     python generate.py --prompt runs/game.prompt.png --actions runs/game.actions.pt --frames <T+1> --out replay.npz
 The real emulator (left) beside the model (right), both fed your keys, the model started from the emulator's frame:
@@ -23,6 +24,7 @@ and leads to frame k+1. A key tapped between two frames still counts for the nex
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,7 +33,16 @@ import numpy as np
 import torch
 
 import utils
-from generate import DEFAULT_CKPT, SAMPLE_DIR, WorldModel, read_actions, read_prompt, write_video
+from generate import (
+    DEFAULT_CKPT,
+    SAMPLE_DIR,
+    WINDOW_MODES,
+    GenerateConfig,
+    WorldModel,
+    read_actions,
+    read_prompt,
+    write_video,
+)
 from utils import arg
 
 CONTROLS = ["Up/Down: paddle   Space: fire", "R: restart   P: pause   Esc: quit"]
@@ -48,6 +59,11 @@ class PlayConfig:
     device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
     steps: int = arg(4, "DDIM denoising steps per frame")
     context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
+    window: str = arg(
+        GenerateConfig.window,  # generate.py's default, so a replay needs no extra flag
+        "how the context window moves once full: " + " | ".join(WINDOW_MODES) + " (see generate.py)",
+        choices=list(WINDOW_MODES),
+    )
     seed: int = arg(0, "random seed (the model's noise, --policy random, the emulator)")
     fps: int = arg(
         15, "target frame rate: the game runs as fast as the model allows, up to this (0 or --headless: no cap)"
@@ -140,9 +156,10 @@ class Game:
 
 
 def save_game(game, cfg):
-    """Write a game as played: OUT.actions.pt (replayable with generate.py), OUT.npz, OUT.prompt.png, the video."""
+    """Write a game as played: OUT.actions.pt (replayable with generate.py), OUT.npz, OUT.prompt.png, and
+    the video, which is encoded on a thread (returned, or None) so that R does not freeze the window."""
     if not game.actions:
-        return
+        return None
     root, ext = os.path.splitext(cfg.record)
     if game.number > 1:
         root = f"{root}_{game.number}"
@@ -159,14 +176,23 @@ def save_game(game, cfg):
     import cv2
 
     utils._atomic(root + ".prompt.png", lambda tmp: cv2.imwrite(tmp, cv2.cvtColor(frames[0], cv2.COLOR_RGB2BGR)))
-    if ext != ".npz":
-        write_video(root + ext, video, cfg.fps or 15, cfg.scale)
-    print(f"wrote {root}{ext}, {root}.actions.pt, {root}.npz, {root}.prompt.png: {len(frames)} frames")
-    flags = f"--steps {cfg.steps} --context-noise {cfg.context_noise} --seed {cfg.seed}"
+    print(f"wrote {root}.actions.pt, {root}.npz, {root}.prompt.png: {len(frames)} frames")
+    flags = f"--steps {cfg.steps} --context-noise {cfg.context_noise} --window {cfg.window} --seed {cfg.seed}"
     print(
         f"replay: python generate.py --ckpt {cfg.ckpt} --prompt {root}.prompt.png --actions {root}.actions.pt "
         f"{flags} --frames {len(frames)} --out replay.npz"
     )
+    if ext == ".npz":
+        return None
+
+    # Not a daemon: even after Ctrl-C the interpreter waits for the video; the atomic write leaves no half file.
+    def encode():
+        write_video(root + ext, video, cfg.fps or 15, cfg.scale)
+        print(f"wrote {root}{ext}")
+
+    writer = threading.Thread(target=encode)
+    writer.start()
+    return writer
 
 
 class Screen:
@@ -214,17 +240,17 @@ class Screen:
             return None
 
     def poll(self):
-        """-> (commands, (up, down, fire)); a movement key held now or tapped since the last poll counts."""
+        """-> (commands in order, (up, down, fire)); a movement key held now or tapped since the last poll counts."""
         pg = self.pg
-        commands, tapped = set(), set()
+        commands, tapped = [], set()
         for e in pg.event.get():
             if e.type == pg.QUIT:
-                commands.add("quit")
+                commands.append("quit")
             elif e.type == pg.KEYDOWN:
                 tapped.add(e.key)
                 command = {pg.K_ESCAPE: "quit", pg.K_r: "restart", pg.K_p: "pause"}.get(e.key)
                 if command:
-                    commands.add(command)
+                    commands.append(command)
         held = pg.key.get_pressed()
         return commands, tuple(bool(held[k]) or k in tapped for k in (pg.K_UP, pg.K_DOWN, pg.K_SPACE))
 
@@ -278,7 +304,14 @@ def main(cfg):
     policy = make_policy(policy_spec, cfg.seed)
 
     engine = WorldModel.from_checkpoint(
-        cfg.ckpt, cfg.vae, device, cfg.ema, steps=cfg.steps, context_noise=cfg.context_noise, seed=cfg.seed
+        cfg.ckpt,
+        cfg.vae,
+        device,
+        cfg.ema,
+        steps=cfg.steps,
+        context_noise=cfg.context_noise,
+        seed=cfg.seed,
+        window=cfg.window,
     )
     size = engine.frame_size
     prompt = None if cfg.compare else read_prompt(cfg.prompt, size)[-1:]  # (1, H, W, 3)
@@ -291,7 +324,7 @@ def main(cfg):
 
     played, busy, paused, action = 0, 0.0, False, 0
     recent = deque(maxlen=30)  # timestamps of the latest frames shown: the achieved rate
-    model_dt = None
+    model_dt, writers = None, []  # writers: the threads encoding finished games' videos
     who = f"--policy {policy_spec}" if policy else "the keyboard"
     print(f"playing on {device} (steps {cfg.steps}, {size}x{size}), driven by {who}", flush=True)
     signal.signal(signal.SIGTERM, interrupt)
@@ -300,12 +333,12 @@ def main(cfg):
             commands, keys = screen.poll()
             if "quit" in commands:
                 break
-            if "pause" in commands:
+            if commands.count("pause") % 2:  # P pressed twice while the model was busy: no change
                 paused = not paused
                 recent.clear()
             if "restart" in commands or game.over:
                 if cfg.record:
-                    save_game(game, cfg)
+                    writers.append(save_game(game, cfg))
                 game.restart()
                 recent.clear()
             if paused:
@@ -332,12 +365,14 @@ def main(cfg):
         print("interrupted")
     finally:  # Esc, window closed, --frames reached, Ctrl-C: the game so far is saved
         if cfg.record:
-            save_game(game, cfg)
+            writers.append(save_game(game, cfg))
         if cfg.screenshot:
             utils._atomic(cfg.screenshot, screen.save)
             print(f"wrote {cfg.screenshot}")
         if env is not None:
             env.close()
+        for w in filter(None, writers):
+            w.join()
     print(f"played {played} frames at {played / max(busy, 1e-9):.1f} frames/s ({device}, steps {cfg.steps})")
 
 

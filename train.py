@@ -62,6 +62,7 @@ class TrainConfig:
     crop: int = arg(0, "vae: train on random crops of this size (a multiple of 8; 0 = whole frames)")
     fg_weight: float = arg(20.0, "vae: extra loss weight on pixels that differ from the static background")
     val_fraction: float = arg(0.1, "share of episodes held out for validation")
+    max_episodes: int = arg(0, "use at most this many episodes of each data dir, the first by index (0 = all)")
     log_every: int = arg(50, "steps between log lines (and NaN checks)")
     eval_every: int = arg(500, "steps between validation losses")
     sample_every: int = arg(1000, "dit: steps between autoregressive sample rollouts (0: off)")
@@ -83,15 +84,15 @@ PRESETS = {
     "vae": {
         "tiny": dict(model="tiny", steps=30, batch_size=8, warmup=5, log_every=10, eval_every=30, save_every=30,
                      ema_decay=0.9),
-        "cpu": dict(model="pong_cpu", steps=100_000, max_minutes=27, batch_size=8, lr=4e-4, ema_decay=0.995,
-                    eval_every=250, save_every=250),
+        "cpu": dict(model="pong_cpu", steps=100_000, max_minutes=38, batch_size=8, lr=4e-4, ema_decay=0.995,
+                    fg_weight=50.0, eval_every=250, save_every=250),
         "gpu": dict(model="pong", steps=4000, batch_size=64, lr=4e-4, warmup=200, eval_every=1000, save_every=1000),
     },
     "dit": {
         "tiny": dict(model="tiny", steps=40, batch_size=4, seq_len=4, warmup=5, log_every=10, eval_every=20,
                      sample_every=40, save_every=20, ema_decay=0.9),
-        "cpu": dict(model="XS", steps=100_000, max_minutes=40, batch_size=16, seq_len=6, lr=5e-4, warmup=200,
-                    ema_decay=0.998, eval_every=500, sample_every=1000, save_every=250),
+        "cpu": dict(model="XS", steps=100_000, max_minutes=32, batch_size=16, seq_len=6, lr=5e-4, warmup=200,
+                    max_episodes=6, ema_decay=0.998, eval_every=500, sample_every=1000, save_every=250),
         "gpu": dict(model="S", steps=8000, batch_size=64, seq_len=16, lr=4e-4, warmup=300, ema_decay=0.9995,
                     eval_every=1000, sample_every=2000, save_every=1000),
     },
@@ -130,7 +131,7 @@ def setup_distributed(cfg):
 # data: whole episodes kept on the training device, windows gathered by index
 
 
-def load_split(data, val_fraction):
+def load_split(data, val_fraction, max_episodes=0):
     """Comma-separated data dirs -> (train files, val files, frame size); each dir is split by episode."""
     import dataset
 
@@ -146,6 +147,7 @@ def load_split(data, val_fraction):
             utils.die(f"--data {d}: {e}")
         if not files:
             utils.die(f"--data {d}: no episode_*.npz files found")
+        files = files[:max_episodes] if max_episodes > 0 else files
         tr, va = dataset.split_episodes(files, val_fraction)
         train, val = train + tr, val + va
     if len(sizes) > 1:
@@ -366,7 +368,7 @@ class VAETask:
         import dataset
         from uvit_vae import build_vae
 
-        train_files, val_files, self.frame_size = load_split(cfg.data, cfg.val_fraction)
+        train_files, val_files, self.frame_size = load_split(cfg.data, cfg.val_fraction, cfg.max_episodes)
         if cfg.crop and (cfg.crop % 8 or cfg.crop > self.frame_size):
             utils.die(f"--crop {cfg.crop}: must be a multiple of 8 and at most the frame size {self.frame_size}")
         frames = [dataset.load_episode(f)["frames"] for f in train_files]
@@ -449,7 +451,7 @@ class DiTTask:
             utils.die(f"--vae {cfg.vae}: no VAE checkpoint at {vae_path}")
         self.vae = load_vae(vae_path, device)
         self.scale = float(self.vae.scaling_factor)
-        train_files, val_files, frame_size = load_split(cfg.data, cfg.val_fraction)
+        train_files, val_files, frame_size = load_split(cfg.data, cfg.val_fraction, cfg.max_episodes)
         fp = build_latent_cache(train_files + val_files, vae_path, device, master)
 
         def bank(files):

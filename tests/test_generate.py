@@ -195,3 +195,26 @@ def test_bad_inputs_get_one_line(ckpts, tmp_path):
         assert "Traceback" not in p.stderr, p.stderr
         assert needle in p.stderr, (needle, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_cli_accepts_several_prompt_frames(ckpts, tmp_path):
+    frames = np.load(ckpts / "episode_00000.npz")["frames"][:3]
+    np.savez(tmp_path / "p.npz", frames=frames)
+    p = run(
+        "--ckpt",
+        str(ckpts / "dit.pt"),
+        "--prompt",
+        str(tmp_path / "p.npz"),
+        "--actions",
+        str(ckpts / "actions.pt"),
+        "--frames",
+        "7",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "o.npz"),
+    )
+    assert p.returncode == 0, p.stderr
+    out = np.load(tmp_path / "o.npz")["frames"]
+    assert out.shape == (7, S, S, 3)
+    np.testing.assert_array_equal(out[:3], frames)  # the prompt frames come first, unchanged

@@ -11,14 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import utils
 
-import utils  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One intra-op thread: a tiny model gains nothing from more, and on a busy 2-core machine
+# OpenMP threads waiting on each other made these runs 20x slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run(*args, check=True, timeout=120):
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
     if check:
         assert r.returncode == 0, f"{args} failed:\n{r.stdout}\n{r.stderr}"
     return r
@@ -58,10 +61,10 @@ def play(tiny, *args, **kw):
     return run("play.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(tiny / "prompt.png"), *args, **kw)
 
 
-def replay(tiny, out, actions, seed, steps, frames, prompt=None):
+def replay(tiny, out, actions, seed, steps, frames, window, prompt=None):
     run("generate.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(prompt or tiny / "prompt.png"),
         "--actions", str(actions), "--seed", str(seed), "--steps", str(steps), "--frames", str(frames),
-        "--out", str(out))  # fmt: skip
+        "--window", window, "--out", str(out))  # fmt: skip
     return np.load(out)["frames"]
 
 
@@ -70,26 +73,55 @@ def test_headless_prints_frames_per_second(tiny):
     assert "played 5 frames at" in r.stdout and "frames/s (cpu, steps 2)" in r.stdout, r.stdout
 
 
-def test_record_replays_through_generate(tiny, tmp_path):
+@pytest.mark.parametrize("window", ["chunk", "exact"])  # generate.py's default, and another
+def test_record_replays_through_generate(tiny, tmp_path, window):
     out = tmp_path / "game.mp4"
-    play(tiny, "--headless", "--frames", "6", "--steps", "2", "--seed", "3", "--policy", "random", "--record", str(out))
+    args = ["--frames", "8", "--steps", "2", "--seed", "3", "--window", window, "--policy", "random"]
+    play(tiny, "--headless", *args, "--record", str(out))  # 8 frames: the 4-frame window moves several times
     assert out.stat().st_size > 0 and (tmp_path / "game.prompt.png").is_file()
     actions = torch.load(tmp_path / "game.actions.pt", weights_only=True)
-    assert actions.dtype == torch.int64 and actions.shape == (6,) and len(set(actions.tolist())) > 1
+    assert actions.dtype == torch.int64 and actions.shape == (8,) and len(set(actions.tolist())) > 1
     rec = np.load(tmp_path / "game.npz")
     played = rec["frames"]
-    assert played.shape == (7, 32, 32, 3) and played.dtype == np.uint8
+    assert played.shape == (9, 32, 32, 3) and played.dtype == np.uint8
     assert np.array_equal(rec["actions"], actions.numpy())
-    again = replay(tiny, tmp_path / "replay.npz", tmp_path / "game.actions.pt", 3, 2, 7)
+    again = replay(tiny, tmp_path / "replay.npz", tmp_path / "game.actions.pt", 3, 2, 9, window)
     assert np.array_equal(again, played)
     # the equality means something: other actions, or another seed, give other frames
     from generate import WorldModel, read_prompt
 
     prompt = read_prompt(str(tiny / "prompt.png"), 32)
     assert np.array_equal(read_prompt(str(tmp_path / "game.prompt.png"), 32), prompt)  # a self-contained recording
-    for seed, a in ((3, (actions + 1) % utils.NUM_ACTIONS), (4, actions)):
-        engine = WorldModel.from_checkpoint(str(tiny / "dit.pt"), steps=2, seed=seed)
-        assert not np.array_equal(engine.rollout(prompt, a), played)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for seed, a in ((3, (actions + 1) % utils.NUM_ACTIONS), (4, actions)):
+            engine = WorldModel.from_checkpoint(str(tiny / "dit.pt"), steps=2, seed=seed, window=window)
+            assert not np.array_equal(engine.rollout(prompt, a), played)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_restart_replays_the_same_game(tiny):
+    """R: the model starts again from the prompt with the seed's noise, so each game replays on its own."""
+    import play
+    from generate import WorldModel, read_prompt
+
+    engine = WorldModel.from_checkpoint(str(tiny / "dit.pt"), steps=1, seed=7)
+    game = play.Game(engine, read_prompt(str(tiny / "prompt.png"), 32), keep=True)
+    keys = [2, 3, 0, 1, 5, 4, 2]
+    for a in keys:
+        game.step(a)
+    first = np.stack(game.frames)
+    game.restart()
+    assert game.number == 2 and game.actions == [] and len(game.frames) == 1
+    for a in keys:
+        game.step(a)
+    assert np.array_equal(np.stack(game.frames), first)
+    game.restart()
+    for a in keys[:3] + [0] * 4:  # and it does depend on the keys
+        game.step(a)
+    assert not np.array_equal(np.stack(game.frames), first)
 
 
 def test_file_policy_plays_the_recorded_keys(tiny, tmp_path):
@@ -122,7 +154,9 @@ def test_compare_runs_the_emulator_beside_the_model(tiny, tmp_path):
 def test_ctrl_c_saves_the_game(tiny, tmp_path, sig):
     args = ["play.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(tiny / "prompt.png"), "--headless",
             "--frames", "100000", "--steps", "1", "--record", str(tmp_path / "k.npz")]  # fmt: skip
-    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert "playing" in p.stdout.readline()
         time.sleep(5.0)  # long enough to play a few frames, even on a busy machine
@@ -150,9 +184,9 @@ def test_keys_map_to_pong_actions(monkeypatch):
     for key in (pg.K_UP, pg.K_SPACE, pg.K_p):  # taps between two frames still count
         pg.event.post(pg.event.Event(pg.KEYDOWN, key=key))
     commands, keys = screen.poll()
-    assert commands == {"pause"} and keys == (True, False, True)
+    assert commands == ["pause"] and keys == (True, False, True)
     pg.event.post(pg.event.Event(pg.KEYDOWN, key=pg.K_ESCAPE))
-    assert screen.poll()[0] == {"quit"}
+    assert screen.poll()[0] == ["quit"]
     pg.display.quit()
 
 

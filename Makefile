@@ -47,7 +47,7 @@ data: $(VENV_OK)
 VAE_DATA := data/pong_tracker_e25,data/pong_tracker_e10
 train-cpu: $(VENV_OK)
 	OMP_NUM_THREADS=1 $(PY) train.py vae --preset cpu --data $(VAE_DATA) --out runs/vae_cpu $$(test -f runs/vae_cpu/ckpt.pt && echo --resume)
-	OMP_NUM_THREADS=1 $(PY) train.py dit --preset cpu --data $(DATA) --vae runs/vae_cpu --out runs/dit_cpu $$(test -f runs/dit_cpu/ckpt.pt && echo --resume)
+	$(PY) train.py dit --preset cpu --data $(DATA) --vae runs/vae_cpu --out runs/dit_cpu $$(test -f runs/dit_cpu/ckpt.pt && echo --resume)
 	$(PY) bundle.py --dit runs/dit_cpu --out checkpoints
 
 # The same recipe with the gpu presets, on one GPU, from recorded data (make data first, on any machine).

@@ -91,8 +91,8 @@ PRESETS = {
     "dit": {
         "tiny": dict(model="tiny", steps=40, batch_size=4, seq_len=4, warmup=5, log_every=10, eval_every=20,
                      sample_every=40, save_every=20, ema_decay=0.9),
-        "cpu": dict(model="XS", steps=100_000, max_minutes=32, batch_size=16, seq_len=6, lr=5e-4, warmup=200,
-                    max_episodes=6, ema_decay=0.998, eval_every=500, sample_every=1000, save_every=250),
+        "cpu": dict(model="XS", steps=100_000, max_minutes=30, batch_size=16, seq_len=6, lr=5e-4, warmup=200,
+                    max_episodes=4, ema_decay=0.998, eval_every=500, sample_every=1000, save_every=250),
         "gpu": dict(model="S", steps=8000, batch_size=64, seq_len=16, lr=4e-4, warmup=300, ema_decay=0.9995,
                     eval_every=1000, sample_every=2000, save_every=1000),
     },

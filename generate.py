@@ -152,6 +152,20 @@ class WorldModel:
         vae_model = load_vae(find_vae(path, config, vae), device)
         return cls(dit, vae_model, config["latent_scale"], device, **kw)
 
+    @classmethod
+    def from_config(cls, cfg, device):
+        """From a script config with ckpt, vae, ema, steps, context_noise, seed and window fields."""
+        return cls.from_checkpoint(
+            cfg.ckpt,
+            cfg.vae,
+            device,
+            cfg.ema,
+            steps=cfg.steps,
+            context_noise=cfg.context_noise,
+            seed=cfg.seed,
+            window=cfg.window,
+        )
+
     @property
     def frame_size(self):
         return self.dit.input_h * 8
@@ -306,16 +320,7 @@ def main(cfg):
         utils.die(f"--frames must be at least 2, found {cfg.frames}")
     if os.path.splitext(cfg.out)[1].lower() not in (".mp4", ".gif", ".npz"):
         utils.die(f"--out {cfg.out}: use a .mp4, .gif or .npz file name")
-    engine = WorldModel.from_checkpoint(
-        cfg.ckpt,
-        cfg.vae,
-        device,
-        cfg.ema,
-        steps=cfg.steps,
-        context_noise=cfg.context_noise,
-        seed=cfg.seed,
-        window=cfg.window,
-    )
+    engine = WorldModel.from_config(cfg, device)
     real = None
     if cfg.episode:
         import dataset

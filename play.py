@@ -303,16 +303,7 @@ def main(cfg):
     utils.seed_everything(cfg.seed)
     policy = make_policy(policy_spec, cfg.seed)
 
-    engine = WorldModel.from_checkpoint(
-        cfg.ckpt,
-        cfg.vae,
-        device,
-        cfg.ema,
-        steps=cfg.steps,
-        context_noise=cfg.context_noise,
-        seed=cfg.seed,
-        window=cfg.window,
-    )
+    engine = WorldModel.from_config(cfg, device)
     size = engine.frame_size
     prompt = None if cfg.compare else read_prompt(cfg.prompt, size)[-1:]  # (1, H, W, 3)
     env = make_env() if cfg.compare else None

@@ -114,12 +114,13 @@ class TemporalAxialAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rope = RotaryEmbedding(self.head_dim, freqs_for="lang", theta=theta)
 
-    def forward(self, x, cache=None, commit=False):
+    def forward(self, x, cache=None, commit=0):
         """x holds n frames. cache=None: frames 0..n-1, plain causal attention.
 
         With a KVCache, x holds the n frames right after the cached ones (positions
         offset..offset+n-1); they attend to every cached frame and causally to each
-        other. commit=True stores their keys/values and advances the offset.
+        other. commit=True stores their keys/values and advances the offset; commit=k keeps
+        only the first k of them (the others were queries only).
         """
         B, n, H, W, D = x.shape
         qkv = self.qkv(x)  # (B, n, H, W, 3D)
@@ -141,6 +142,6 @@ class TemporalAxialAttention(nn.Module):
             mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(diagonal=past)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if cache is not None and commit:
-            cache.commit(n)
+            cache.commit(n if commit is True else int(commit))
         out = rearrange(out, "(b h w) nh t hd -> b t h w (nh hd)", b=B, h=H)  # (B, n, H, W, D)
         return self.proj(out)

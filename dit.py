@@ -13,10 +13,14 @@ attention + MLP per location, each of the four sub-blocks with its own adaLN-Zer
 Generation runs incrementally against a cache of temporal keys/values:
 
     cache = model.new_cache()
-    model.forward_cached(context, t_ctx, a_ctx, cache, commit=True)    # once
+    model.queue(cache, context, t_ctx, a_ctx)                           # once
     for step: v = model.forward_cached(x_new, t_step, a_new, cache)    # (B, 1, C, H, W)
-    model.forward_cached(x_done, t_ctx_1, a_new, cache, commit=True)    # once per frame
+    model.queue(cache, x_done, t_ctx_1, a_new)                          # once per frame
     model.trim_cache(cache, model.max_frames - 1)                       # sliding window
+
+Queued frames are encoded by the next forward_cached, in the same pass as the new
+frame (causal attention makes that exact), so a generated frame costs one pass
+per denoising step and nothing more.
 
 Run `python dit.py` for parameter counts and FLOPs per frame of each size.
 Imports only torch, einops and the project's attention.
@@ -94,7 +98,7 @@ class SpatioTemporalDiTBlock(nn.Module):
         shift, scale, gate = mod.chunk(3, dim=-1)
         return torch.addcmul(x, gate, fn(modulate(norm(x), shift, scale), **kw))  # x + gate * fn(...)
 
-    def forward(self, x, c, cache=None, commit=False):
+    def forward(self, x, c, cache=None, commit=0):
         # x: (B, T, H, W, D) tokens, c: (B, T, D) per-frame conditioning
         mod = self.adaLN_modulation(c)[:, :, None, None]  # (B, T, 1, 1, 12D)
         sa, sm, ta, tm = mod.chunk(4, dim=-1)
@@ -120,14 +124,19 @@ class FinalLayer(nn.Module):
 
 
 class DiTCache:
-    """Generation state: one KVCache per block, plus the committed inputs so a trim can re-encode exactly."""
+    """Generation state: one KVCache per block, plus the inputs of every frame held.
+
+    The last `pending` frames are queued: their keys/values are not computed yet
+    (the next forward_cached does it). Keeping the inputs lets a trim re-encode exactly.
+    """
 
     def __init__(self, depth):
         self.layers = [KVCache() for _ in range(depth)]
-        self.x = self.t = self.a = None  # committed frames (B, Tc, ...), as given to forward_cached
+        self.x = self.t = self.a = None  # frames held (B, Tc, ...), as given to queue/forward_cached
+        self.pending = 0
 
     def __len__(self):
-        return len(self.layers[0])
+        return 0 if self.x is None else self.x.shape[1]
 
     def __getitem__(self, i):
         return self.layers[i]
@@ -135,7 +144,14 @@ class DiTCache:
     @property
     def offset(self):
         """Absolute time position of the next frame."""
-        return self.layers[0].offset
+        return self.layers[0].offset + self.pending
+
+    def add(self, x, t, a):
+        new = tuple(v.detach().clone() for v in (x, t, a))  # callers may reuse their buffers
+        if self.x is None:
+            self.x, self.t, self.a = new
+        else:
+            self.x, self.t, self.a = (torch.cat((o, n), dim=1) for o, n in zip((self.x, self.t, self.a), new))
 
 
 class DiT(nn.Module):
@@ -213,7 +229,7 @@ class DiT(nn.Module):
         if tuple(actions.shape) != (B, T, self.action_dim):
             raise ValueError(f"DiT expects actions of shape ({B}, {T}, {self.action_dim}), got {tuple(actions.shape)}")
 
-    def _run(self, x, t, actions, cache=None, commit=False):
+    def _run(self, x, t, actions, cache=None, commit=0):
         self._check(x, t, actions)
         p = self.patch_size
         x = rearrange(x, "b t c (h p1) (w p2) -> b t h w (p1 p2 c)", p1=p, p2=p)
@@ -234,43 +250,50 @@ class DiT(nn.Module):
         """An empty generation cache: one KVCache per block."""
         return DiTCache(self.depth)
 
+    def queue(self, cache, x, t, a):
+        """Add n frames after the cached ones without running the model; the next forward_cached encodes them."""
+        self._check(x, t, a)
+        cache.add(x, t, a)
+        cache.pending += x.shape[1]
+
     def forward_cached(self, x_new, t_new, a_new, cache, commit=False):
         """Outputs (B, n, C, H, W) for n new frames that directly follow the cached ones.
 
-        commit=True appends their keys/values (and inputs) to the cache. Call it under
-        torch.inference_mode(): the cache is written in place.
+        Queued frames run in the same pass, ahead of the new ones, and are committed.
+        commit=True also appends the new frames' keys/values (and inputs) to the cache.
+        Call it under torch.inference_mode(): the cache is written in place.
         """
-        out = self._run(x_new, t_new, a_new, cache, commit)
+        p, n = cache.pending, x_new.shape[1]
+        if p:  # (B, p + n, ...): the queued frames, then the new ones
+            x_new, t_new, a_new = (
+                torch.cat((q[:, -p:], v), dim=1) for q, v in zip((cache.x, cache.t, cache.a), (x_new, t_new, a_new))
+            )
+        out = self._run(x_new, t_new, a_new, cache, commit=p + n if commit else p)
+        cache.pending = 0
         if commit:  # keep the inputs too, so trim_cache can re-encode a window exactly
-            new = tuple(v.detach().clone() for v in (x_new, t_new, a_new))  # callers may reuse their buffers
-            if cache.x is None:
-                cache.x, cache.t, cache.a = new
-            else:
-                cache.x, cache.t, cache.a = (torch.cat((o, n), dim=1) for o, n in zip((cache.x, cache.t, cache.a), new))
-        return out
+            cache.add(x_new[:, p:], t_new[:, p:], a_new[:, p:])
+        return out[:, p:]
 
     def trim_cache(self, cache, keep, exact=True):
-        """Keep only the last `keep` committed frames (positions unchanged).
+        """Keep only the last `keep` frames (positions unchanged).
 
-        exact=True re-encodes the kept frames from their stored inputs (one forward over
-        `keep` frames), so continuing equals a full forward over the window. exact=False
-        only drops old keys/values: O(1), but the kept frames' deeper keys/values still
+        exact=True queues the kept frames for re-encoding (the next forward_cached runs
+        them), so continuing equals a full forward over the window. exact=False only
+        drops old keys/values: O(1), but the kept frames' deeper keys/values still
         carry information from the dropped frames (a streaming approximation).
         """
         if keep >= len(cache):
             return
         keep = max(keep, 0)
         cache.x, cache.t, cache.a = (z[:, z.shape[1] - keep :] for z in (cache.x, cache.t, cache.a))
-        if not exact or keep == 0:
+        if exact or keep <= cache.pending:  # every kept frame runs again from its input
+            start = cache.offset - keep
             for kv in cache.layers:
-                kv.trim(keep)
-            return
-        x, t, a = cache.x, cache.t, cache.a
-        start = cache.offset - keep
-        for kv in cache.layers:
-            kv.reset(offset=start)
-        cache.x = cache.t = cache.a = None
-        self.forward_cached(x, t, a, cache, commit=True)
+                kv.reset(offset=start)
+            cache.pending = keep
+        else:
+            for kv in cache.layers:
+                kv.trim(keep - cache.pending)
 
 
 def flops_per_frame(model, context=None):

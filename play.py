@@ -41,6 +41,7 @@ from generate import (
     WorldModel,
     read_actions,
     read_prompt,
+    set_threads,
     write_video,
 )
 from utils import arg
@@ -57,7 +58,7 @@ class PlayConfig:
         os.path.join(SAMPLE_DIR, "prompt.png"), "prompt frame: a PNG/JPG or .npz (its last frame is used)"
     )
     device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
-    steps: int = arg(4, "DDIM denoising steps per frame")
+    steps: int = arg(GenerateConfig.steps, "DDIM denoising steps per frame")
     context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
     window: str = arg(
         GenerateConfig.window,  # generate.py's default, so a replay needs no extra flag
@@ -75,6 +76,7 @@ class PlayConfig:
     frames: int = arg(0, "stop after this many generated frames (0: play until Esc; required with --headless)")
     policy: str = arg("auto", f"who plays: {POLICIES}; auto = keys in a window, random when --headless")
     screenshot: str = arg("", "save the window as this PNG when the game stops (after --frames, or on Esc)")
+    threads: int = arg(0, "CPU threads for each of the two stages (DiT, VAE decode); 0: half the cores each")
     ema: bool = arg(True, "use the EMA weights")
 
 
@@ -136,19 +138,31 @@ class Game:
             self.real = [start[0]]
         self.engine.reset(start[None])  # (B=1, n=1, H, W, 3)
         self.frames, self.actions, self.over = [start[0]], [], False
+        self.real_ahead = deque()  # emulator frames whose model frame is still decoding
 
     def step(self, action):
-        frame = self.engine.step(torch.tensor([action], device=self.engine.device))[0].cpu().numpy()
+        # The model's frame arrives one step late: its decode overlaps the DiT's work on the next one.
+        self.add(self.engine.step_pipelined(torch.tensor([action], device=self.engine.device)))
         self.actions.append(action)
-        self.frames.append(frame)
         if self.env is not None:
             obs, _, terminated, truncated, _ = self.env.step(action)
-            self.real.append(utils.resize_frame(obs, self.engine.frame_size))
+            self.real_ahead.append(utils.resize_frame(obs, self.engine.frame_size))
             self.over = terminated or truncated
         if not self.keep:  # the whole game is kept only when recording
             del self.frames[:-1]
             if self.real is not None:
                 del self.real[:-1]
+
+    def add(self, frame):
+        """A decoded model frame (1, H, W, 3), with the emulator frame of the same step."""
+        if frame is not None:
+            self.frames.append(frame[0].cpu().numpy())
+            if self.real is not None:
+                self.real.append(self.real_ahead.popleft())
+
+    def finish(self):
+        """Wait for the frame still decoding, so the game is complete (before it is saved)."""
+        self.add(self.engine.flush())
 
     def panels(self):
         """The latest frames to show, left to right: (emulator,) model."""
@@ -158,6 +172,8 @@ class Game:
 def save_game(game, cfg):
     """Write a game as played: OUT.actions.pt (replayable with generate.py), OUT.npz, OUT.prompt.png, and
     the video, which is encoded on a thread (returned, or None) so that R does not freeze the window."""
+    game.finish()
+    del game.actions[len(game.frames) - 1 :]  # an action whose frame an interrupt cut off
     if not game.actions:
         return None
     root, ext = os.path.splitext(cfg.record)
@@ -303,6 +319,7 @@ def main(cfg):
     utils.seed_everything(cfg.seed)
     policy = make_policy(policy_spec, cfg.seed)
 
+    set_threads(cfg.threads, device)
     engine = WorldModel.from_config(cfg, device)
     size = engine.frame_size
     prompt = None if cfg.compare else read_prompt(cfg.prompt, size)[-1:]  # (1, H, W, 3)

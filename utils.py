@@ -168,6 +168,8 @@ def resize_frame(frame, size):
 _OBJ_DELTAS = np.array([COLOR_BALL, COLOR_PLAYER, COLOR_OPPONENT], np.float32) - np.float32(COLOR_BACKGROUND)
 _UNMIX = np.linalg.inv(_OBJ_DELTAS).astype(np.float32)  # (rgb - bg) @ _UNMIX -> (ball, player, opponent)
 _COVER_MIN = 0.1  # per-pixel coverage below this is uint8 rounding noise (which is < 0.03)
+# A ball covers some pixel by at least 3/4 of an Atari pixel (0.2 at 96 px, where a VAE's haze stays below 0.17)
+_BALL_PEAK = 0.75
 
 
 def _field_rows(h):
@@ -179,7 +181,14 @@ def _field_rows(h):
     return r0, r1, wall.astype(np.float32)
 
 
-def detect_objects(frames, chunk=4096):
+def _box_sum(a, ry, rx):
+    """(n, H, W) -> (n, H, W): the sum of a over the (2ry+1) x (2rx+1) box around each pixel (zero padded)."""
+    s = np.pad(a, ((0, 0), (ry + 1, ry), (rx + 1, rx))).cumsum(1).cumsum(2)
+    ky, kx = 2 * ry + 1, 2 * rx + 1
+    return s[:, ky:, kx:] - s[:, :-ky, kx:] - s[:, ky:, :-kx] + s[:, :-ky, :-kx]
+
+
+def detect_objects(frames, chunk=1024):
     """Find the ball and both paddles in Pong frames by colour, vectorized over any leading dims.
 
     frames: (..., H, W, 3) uint8, a raw 210x160 frame or one area-resized from it (resize_frame).
@@ -188,7 +197,9 @@ def detect_objects(frames, chunk=4096):
       ball_present (...,) bool, ball_xy (..., 2) float (x, y), player_y (...,), opponent_y (...,).
     Only rows of the play field count (the walls are white like the ball, the score digits
     share the paddle colours); wall blended into the border rows is subtracted exactly.
-    A coverage-weighted centroid gives sub-pixel positions. The player's paddle is searched in
+    A coverage-weighted centroid gives sub-pixel positions; for the ball, only coverage within
+    8 Atari pixels of the densest spot counts, so faint haze elsewhere in a generated or reconstructed
+    frame neither drags the position nor makes a ball on its own. The player's paddle is searched in
     the right half, the opponent's in the left half. The first frame after a reset uses another
     palette: frames whose field is not mostly Pong's background report every object absent.
     """
@@ -198,6 +209,7 @@ def detect_objects(frames, chunk=4096):
     r0, r1, wall = _field_rows(h)
     area = (ATARI_H / h) * (ATARI_W / w)  # input pixels per output pixel
     ball_min, paddle_min = 0.4 * 8 / area, 4 / area  # 40% of the 2x4 ball; one row of the 4-wide paddle
+    near_r, near_c = int(8 * h / ATARI_H), int(8 * w / ATARI_W)  # the ball's neighbourhood, in pixels
     # Every object raises the blue channel above what background (and wall, in the border
     # rows) gives, so this threshold finds each pixel covered >= ~5% by anything; the
     # unmixing then runs on those few pixels only.
@@ -214,14 +226,21 @@ def detect_objects(frames, chunk=4096):
         cover[:, 0] -= wall[r]
         cover = np.where(cover > _COVER_MIN, np.minimum(cover, 1.0), 0.0)
         y, right = r + r0, c >= w // 2
+        # the ball is where a (2 near_r + 1) x (2 near_c + 1) box holds the most ball coverage
+        dense = np.zeros((n, r1 - r0, w), np.float32)
+        dense[b, r, c] = cover[:, 0]
+        cr, cc = np.divmod(_box_sum(dense, near_r, near_c).reshape(n, -1).argmax(1), w)
+        ball = cover[:, 0] * ((np.abs(r - cr[b]) <= near_r) & (np.abs(c - cc[b]) <= near_c))
+        peak = np.zeros(n, np.float32)
+        np.maximum.at(peak, b, ball)  # a ball is a blob, not a haze of faint pixels (as beside a blurred paddle)
         sums = lambda weights=None, b=b, n=n: np.bincount(b, weights, minlength=n)  # per-frame sums
         # the reset frame has another palette (its background's blue is 43, Pong's 17): no play frame
         play = blue[:, ::2, ::2].mean((1, 2)) < 30
         with np.errstate(invalid="ignore", divide="ignore"):
-            m = sums(weights=cover[:, 0])
-            ok = (m >= ball_min) & play
-            bx[i : i + n] = np.where(ok, sums(weights=cover[:, 0] * c) / m, np.nan)
-            by[i : i + n] = np.where(ok, sums(weights=cover[:, 0] * y) / m, np.nan)
+            m = sums(weights=ball)
+            ok = (m >= ball_min) & (peak >= _BALL_PEAK / area) & play
+            bx[i : i + n] = np.where(ok, sums(weights=ball * c) / m, np.nan)
+            by[i : i + n] = np.where(ok, sums(weights=ball * y) / m, np.nan)
             for out, cov in ((py, cover[:, 1] * right), (oy, cover[:, 2] * ~right)):
                 m = sums(weights=cov)
                 out[i : i + n] = np.where((m >= paddle_min) & play, sums(weights=cov * y) / m, np.nan)

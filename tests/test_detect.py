@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import utils  # noqa: E402
 from utils import (  # noqa: E402
     COLOR_BALL,
     COLOR_OPPONENT,
@@ -96,3 +97,24 @@ def test_absent_after_a_point(played):
     assert absent[:10].all()  # before the first serve
     runs = np.flatnonzero(np.diff(absent.astype(int)) == 1)
     assert len(runs) >= 3  # several points in 600 steps of random play
+
+
+def test_haze_neither_moves_nor_makes_a_ball(played):
+    """Faint ball-coloured haze, as a VAE leaves beside a blurred paddle, must not drag the ball or fake one."""
+    frames, _ = played
+    truth = exact(frames)["ball"][0]
+    small = np.stack([resize_frame(f, 96) for f in frames])
+    with_ball, without = small[truth == 8][:20], small[truth == 0][10:30]
+    bg, ball = np.array(utils.COLOR_BACKGROUND, np.float32), np.array(COLOR_BALL, np.float32)
+
+    def haze(f, rows, cols, cover=0.15):
+        f = f.astype(np.float32)
+        f[rows, cols] = f[rows, cols] + cover * (ball - bg)
+        return f.round().astype(np.uint8)
+
+    hazy = lambda fs: np.stack([haze(f, slice(40, 48), slice(82, 83)) for f in fs])  # a column by the player
+    assert not detect_objects(hazy(without))["ball_present"].any()
+    ref, got = detect_objects(with_ball), detect_objects(hazy(with_ball))
+    far = np.abs(ref["ball_xy"][:, 1] - 44) > 10  # haze away from the ball
+    assert far.sum() > 5 and got["ball_present"][far].all()
+    assert np.abs(got["ball_xy"][far] - ref["ball_xy"][far]).max() < 0.01

@@ -127,6 +127,26 @@ def test_sliding_window_after_trim_equals_window_forward():
 
 
 @torch.no_grad()
+def test_queued_frames_run_with_the_next_step():
+    """queue() defers a frame's keys/values to the next forward_cached: same outputs, one pass fewer."""
+    model = perturbed()
+    x, t, a = inputs(t=10)
+    keep = 4
+    cache = model.new_cache()
+    model.queue(cache, x[:, :3], t[:, :3], a[:, :3])
+    assert len(cache) == 3 and cache.pending == 3 and len(cache.layers[0]) == 0 and cache.offset == 3
+    for j in range(3, 9):
+        out = model.forward_cached(x[:, j : j + 1], t[:, j : j + 1], a[:, j : j + 1], cache)  # a denoising step
+        lo = max(0, j - keep)
+        assert torch.allclose(out, model(x[:, lo : j + 1], t[:, lo : j + 1], a[:, lo : j + 1])[:, -1:], atol=1e-5)
+        assert cache.pending == 0 and cache.offset == j
+        model.queue(cache, x[:, j : j + 1], t[:, j : j + 1], a[:, j : j + 1])
+        model.trim_cache(cache, keep)  # exact: the kept frames are queued again, nothing runs yet
+        assert len(cache) == min(j + 1, keep) and cache.offset == j + 1
+        assert cache.pending == (keep if j + 1 > keep else 1)
+
+
+@torch.no_grad()
 def test_streaming_trim_keeps_positions():
     model = perturbed()
     x, t, a = inputs(t=8)

@@ -97,6 +97,20 @@ def test_stream_window_differs_from_exact_only_after_the_window(ckpts):
     )  # window not full yet
 
 
+def test_pipelined_decoding_gives_the_same_frames_one_call_late(ckpts):
+    prompt = np.load(ckpts / "episode_00000.npz")["frames"][:1]
+    actions = torch.tensor([1, 2, 3, 2, 2, 3, 3, 0])
+    make = lambda: generate.WorldModel.from_checkpoint(str(ckpts / "dit.pt"), device="cpu", steps=2, seed=5)
+    ref = make().rollout(prompt, actions)[1:]
+    engine = make()
+    engine.reset(prompt[None])
+    got = [engine.step_pipelined(actions[k : k + 1]) for k in range(len(actions))]
+    assert got[0] is None
+    got = got[1:] + [engine.flush()]
+    np.testing.assert_array_equal(np.concatenate([f.numpy() for f in got]), ref)
+    assert engine.flush() is None
+
+
 def run(*args):
     return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
 

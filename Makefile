@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_OK := .venv/.installed
 
-.PHONY: demo test lint format bench data train-cpu train-gpu clean
+.PHONY: demo test lint format bench bench-gpu data train-cpu train-gpu clean
 
 # The shipped model's data. A scripted ball-tracking agent with 10% and 25% held random
 # actions gives rallies and points on both sides; a DQN trained for minutes on a CPU (close
@@ -56,6 +56,12 @@ train-gpu:
 	$(PY) train.py vae --preset gpu --data $(DATA) --out runs/vae $$(test -f runs/vae/ckpt.pt && echo --resume)
 	$(PY) train.py dit --preset gpu --data $(DATA) --vae runs/vae --out runs/dit $$(test -f runs/dit/ckpt.pt && echo --resume)
 	$(PY) bundle.py --dit runs/dit --out checkpoints
+
+# The GPU figures the README still lacks (one H100/H200): training MFU, generation frames/s.
+bench-gpu:
+	$(PY) bench.py --what train --device cuda --dtype bfloat16 --model S --frames 16 --train-batch 64
+	$(PY) bench.py --what train --device cuda --dtype bfloat16 --model XS --frames 16 --train-batch 64
+	$(PY) bench.py --what generate --device cuda --steps 2 --gen-batches 1,64,256,1024
 
 clean:
 	rm -rf .venv runs data

@@ -277,3 +277,20 @@ def test_bad_inputs(pipeline, tmp_path):
         check=False,
     )
     one_line_error(p, "'vae'")
+
+
+def test_decoder_finetune_keeps_the_encoder(pipeline, tmp_path):
+    """--init + --decoder-only: the encoder (so the latents a DiT learned) is untouched, the decoder learns."""
+    out = str(tmp_path / "ft")
+    args = ["train.py", "vae", "--preset", "tiny", "--data", pipeline["data"], "--wandb", "disabled"]
+    run(*args, "--init", pipeline["vae"], "--decoder-only", "--steps", "10", "--out", out)
+    load = lambda d: torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
+    old, new = load(pipeline["vae"]), load(out)
+    enc = [k for k in old["ema"] if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in old["ema"] if k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and dec
+    assert all(torch.equal(old["ema"][k], new["model"][k]) for k in enc)
+    assert not all(torch.equal(old["ema"][k], new["model"][k]) for k in dec)
+    assert new["config"]["scaling_factor"] == old["config"]["scaling_factor"]
+    one_line_error(run(*args, "--decoder-only", "--out", str(tmp_path / "x"), check=False), "--init")
+    one_line_error(run(*args, "--init", pipeline["dit"], "--out", str(tmp_path / "y"), check=False), "'dit'")

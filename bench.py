@@ -12,7 +12,8 @@ committing a finished frame and trimming the cache.
 --what vae: encode and decode time of one 96x96 frame for every config in VAE_CONFIGS.
 --what generate: end-to-end generation frames/s (DiT + VAE decode, uint8 frames out) of
 generate.WorldModel in steady state (window full): the naive sampler that re-runs the whole
-window at every denoising step (Oasis's loop) against the KV-cached one, same run, with ratios.
+window at every denoising step (Oasis's loop) against the KV-cached one, same run, with ratios;
+the last row also decodes on a second thread (step_pipelined), as generate.py and play.py do.
     python bench.py --what generate                       # the bundled model, batch 1 and 8
     python bench.py --what generate --device cuda --gen-batches 1,64,256,1024
 --what train: DiT training throughput (samples/s, tokens/s; MFU on CUDA) at --model size.

@@ -53,6 +53,7 @@ class EvalConfig:
     out: str = arg("runs/eval", "output directory: metrics.json, metrics.png")
     steps: int = arg(4, "DDIM denoising steps per frame")
     context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
+    guidance: float = arg(1.0, "classifier-free guidance scale on the action (1: off; >1 costs a second DiT pass)")
     window: str = arg(
         "chunk", "how the context window moves once full (generate.WINDOW_MODES)", choices=["exact", "chunk", "stream"]
     )
@@ -387,7 +388,7 @@ def main(cfg, argv=()):
     vae_path = generate.find_vae(cfg.ckpt, dconf, cfg.vae)
     vae = generate.load_vae(vae_path, device)
     make = lambda st, cn: generate.WorldModel(
-        dit, vae, dconf["latent_scale"], device, st, cn, seed=cfg.seed, window=cfg.window
+        dit, vae, dconf["latent_scale"], device, st, cn, seed=cfg.seed, window=cfg.window, guidance=cfg.guidance
     )
     engine = make(cfg.steps, cfg.context_noise)
     max_ctx = dit.max_frames - 1

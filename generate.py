@@ -44,6 +44,7 @@ class GenerateConfig:
     out: str = arg("runs/generated.mp4", "output: .mp4, .gif or .npz")
     steps: int = arg(4, "DDIM denoising steps per frame")
     context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
+    guidance: float = arg(1.0, "classifier-free guidance scale on the action (1: off; >1 costs a second DiT pass)")
     window: str = arg(
         "chunk",
         "how the context window moves once full: exact | chunk | stream (see WINDOW_MODES)",
@@ -135,9 +136,21 @@ WINDOW_MODES = ("exact", "chunk", "stream")
 class WorldModel:
     """A playable Pong: reset() with prompt frames, then step(actions) returns the next frames."""
 
-    def __init__(self, dit, vae, latent_scale, device, steps=4, context_noise=0, cached=True, seed=0, window="chunk"):
+    def __init__(
+        self,
+        dit,
+        vae,
+        latent_scale,
+        device,
+        steps=4,
+        context_noise=0,
+        cached=True,
+        seed=0,
+        window="chunk",
+        guidance=1.0,
+    ):
         self.dit, self.vae, self.scale, self.device = dit, vae, latent_scale, torch.device(device)
-        self.cached = cached
+        self.cached, self.guidance = cached, float(guidance)
         if window not in WINDOW_MODES:
             raise ValueError(f"window must be one of {WINDOW_MODES}, found {window!r}")
         self.window_mode = window
@@ -167,6 +180,7 @@ class WorldModel:
             context_noise=cfg.context_noise,
             seed=cfg.seed,
             window=cfg.window,
+            guidance=cfg.guidance,
         )
 
     @property
@@ -226,13 +240,10 @@ class WorldModel:
         tt = torch.empty(self.B, 1, dtype=torch.long, device=self.device)
         for t, t_next in self.pairs:
             tt.fill_(t)
-            if self.cached:
-                v = self.dit.forward_cached(x, tt, a, self.cache)
-            else:  # naive: the whole window again at every step
-                full = self.dit(
-                    torch.cat([self.ctx, x], 1), torch.cat([self.ctx_t, tt], 1), torch.cat([self.ctx_actions, a], 1)
-                )
-                v = full[:, -1:]
+            v = self._predict(x, tt, a)
+            if self.guidance != 1.0:  # classifier-free guidance on the action ("unknown" = zeros, as in training)
+                v0 = self._predict(x, tt, torch.zeros_like(a))
+                v = v0 + self.guidance * (v - v0)
             x = utils.ddim_step(x, v, t, t_next, self.ac)
         z = self._noised_context(x)
         tt.fill_(self.context_noise)
@@ -248,6 +259,15 @@ class WorldModel:
                 torch.cat(p, 1)[:, -keep:] for p in ((self.ctx, z), (self.ctx_t, tt), (self.ctx_actions, a))
             )
         return x[:, 0]
+
+    def _predict(self, x, tt, a):
+        """The DiT's v for the new frame x (B, 1, C, h, w) at level tt (B, 1) after action a (B, 1, A)."""
+        if self.cached:
+            return self.dit.forward_cached(x, tt, a, self.cache)
+        full = self.dit(
+            torch.cat([self.ctx, x], 1), torch.cat([self.ctx_t, tt], 1), torch.cat([self.ctx_actions, a], 1)
+        )
+        return full[:, -1:]  # naive: the whole window again at every step
 
     @torch.no_grad()
     def step(self, actions):

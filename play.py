@@ -60,6 +60,7 @@ class PlayConfig:
     device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
     steps: int = arg(GenerateConfig.steps, "DDIM denoising steps per frame")
     context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
+    guidance: float = arg(1.0, "classifier-free guidance scale on the action (1: off; >1 costs a second DiT pass)")
     window: str = arg(
         GenerateConfig.window,  # generate.py's default, so a replay needs no extra flag
         "how the context window moves once full: " + " | ".join(WINDOW_MODES) + " (see generate.py)",
@@ -193,7 +194,8 @@ def save_game(game, cfg):
 
     utils._atomic(root + ".prompt.png", lambda tmp: cv2.imwrite(tmp, cv2.cvtColor(frames[0], cv2.COLOR_RGB2BGR)))
     print(f"wrote {root}.actions.pt, {root}.npz, {root}.prompt.png: {len(frames)} frames")
-    flags = f"--steps {cfg.steps} --context-noise {cfg.context_noise} --window {cfg.window} --seed {cfg.seed}"
+    flags = f"--steps {cfg.steps} --context-noise {cfg.context_noise} --window {cfg.window} "
+    flags += f"--guidance {cfg.guidance} --seed {cfg.seed}"
     print(
         f"replay: python generate.py --ckpt {cfg.ckpt} --prompt {root}.prompt.png --actions {root}.actions.pt "
         f"{flags} --frames {len(frames)} --out replay.npz"

@@ -111,6 +111,22 @@ def test_pipelined_decoding_gives_the_same_frames_one_call_late(ckpts):
     assert engine.flush() is None
 
 
+def test_action_guidance_scales_the_action_effect(ckpts):
+    """guidance 0 samples without the new frame's action, 1 is the plain model, 3 pushes further from 0."""
+    prompt = np.load(ckpts / "episode_00000.npz")["frames"][:1]
+    first = {}
+    for g in (0.0, 1.0, 3.0):
+        for a in (2, 3):
+            engine = generate.WorldModel.from_checkpoint(
+                str(ckpts / "dit.pt"), device="cpu", steps=2, seed=1, guidance=g
+            )
+            engine.reset(prompt[None])
+            first[g, a] = engine.step_latent(torch.tensor([a]))
+    assert torch.equal(first[0.0, 2], first[0.0, 3])
+    gap = {g: (first[g, 2] - first[g, 3]).abs().mean().item() for g in (1.0, 3.0)}
+    assert 0 < gap[1.0] < gap[3.0]
+
+
 def run(*args):
     return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
 

@@ -36,7 +36,7 @@ from uvit_vae import VAE_CONFIGS, build_vae
 class BenchConfig:
     what: str = arg("forward", "which benchmark to run", choices=["forward", "vae", "generate", "train"])
     ckpt: str = arg("", "generate: DiT checkpoint (default: the bundled one, else a random --model with pong_cpu)")
-    steps: int = arg(4, "generate: DDIM steps per frame")
+    steps: int = arg(2, "generate: DDIM steps per frame")
     gen_frames: int = arg(24, "generate: timed frames per measurement, after the window is full")
     gen_batches: str = arg("1,8", "generate: comma-separated batch sizes")
     train_batch: int = arg(16, "train: windows per step")

@@ -51,7 +51,7 @@ class EvalConfig:
     vae: str = arg("", "VAE checkpoint; default: the one the DiT checkpoint records")
     data: str = arg("data/pong_heldout", "held-out recorded episodes (a seed and epsilon never used for training)")
     out: str = arg("runs/eval", "output directory: metrics.json, metrics.png")
-    steps: int = arg(4, "DDIM denoising steps per frame")
+    steps: int = arg(2, "DDIM denoising steps per frame")
     context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
     guidance: float = arg(1.0, "classifier-free guidance scale on the action (1: off; >1 costs a second DiT pass)")
     window: str = arg(

@@ -11,8 +11,9 @@ Actions follow the recorder's convention: actions[k] is the action taken after
 frame k and leads to frame k+1, so actions[0] moves the game on from the prompt.
 A .pt holds indices (T,) in [0, 6) or one-hot (T, 6); see utils.ACTION_NAMES.
 
-Speed: the context frames' keys/values are cached (one pass per frame), and each
-DDIM step runs only the new frame's tokens. Oasis's sampler instead re-runs the
+Speed: the context frames' keys/values are cached, each DDIM step runs only the new
+frame's tokens (plus, in the first step, the frames queued since: DiT.queue), and
+step_pipelined() decodes the previous frame on a second thread. Oasis's sampler instead re-runs the
 whole window at every step; `WorldModel(..., cached=False)` does that, for
 comparison (bench.py) and for the equality test.
 """

@@ -9,7 +9,7 @@
 size, and the generation step: forward_cached of one new frame against `context`
 cached frames versus the naive full-window forward, plus the per-frame cost of
 committing a finished frame and trimming the cache.
---what vae: encode and decode time of one 96x96 frame for every config in VAE_CONFIGS.
+--what vae: encode and decode time of one 96x96 frame for every config in VAE_CONFIGS (+ DECODER_CONFIGS).
 --what generate: end-to-end generation frames/s (DiT + VAE decode, uint8 frames out) of
 generate.WorldModel in steady state (window full): the naive sampler that re-runs the whole
 window at every denoising step (Oasis's loop) against the KV-cached one, same run, with ratios;
@@ -29,7 +29,7 @@ import torch
 
 from dit import DEFAULT_MODEL, DiT_models
 from utils import arg, die, parse_config, seed_everything
-from uvit_vae import VAE_CONFIGS, build_vae
+from uvit_vae import DECODER_CONFIGS, VAE_CONFIGS, build_vae
 
 
 @dataclasses.dataclass
@@ -131,15 +131,18 @@ def bench_vae(cfg):
     print(f"device {cfg.device}, threads {torch.get_num_threads()}, median of {cfg.repeats} after {cfg.warmup} warmup")
     results = {}
     with torch.inference_mode(), autocast(cfg):
-        for name in VAE_CONFIGS:
-            vae = build_vae(name).to(cfg.device).eval()
+        variants = [(name, {}) for name in VAE_CONFIGS]
+        variants += [(f"pong_cpu+{d}", {"decoder": DECODER_CONFIGS[d]}) for d in DECODER_CONFIGS]
+        for name, kw in variants:
+            vae = build_vae(name.split("+")[0], **kw).to(cfg.device).eval()
+            vae = vae.to(memory_format=torch.channels_last)  # as generate.load_vae runs it
             x = torch.rand(1, 3, 96, 96, device=cfg.device) * 2 - 1
             z = torch.randn(1, 4, 12, 12, device=cfg.device)
             enc = timeit(functools.partial(vae.encode, x), cfg)
             dec = timeit(functools.partial(vae.decode, z), cfg)
             results[name] = dict(encode=enc, decode=dec)
             n_params = sum(p.numel() for p in vae.parameters())
-            print(f"{name:>10}: {n_params / 1e6:6.2f}M params  encode {enc * 1e3:8.1f} ms  decode {dec * 1e3:8.1f} ms")
+            print(f"{name:>13}: {n_params / 1e6:6.2f}M params  encode {enc * 1e3:8.1f} ms  decode {dec * 1e3:8.1f} ms")
     return results
 
 
@@ -197,11 +200,11 @@ def bench_generate(cfg):
                     step(actions)
                 sync()
                 t0 = time.perf_counter()
-                for _ in range(cfg.gen_frames):
+                for _ in range(cfg.gen_frames):  # pipelined: each call hands over the previous frame
                     step(actions).cpu()
-                eng.flush()
                 sync()
-            fps = b * cfg.gen_frames / (time.perf_counter() - t0)
+                fps = b * cfg.gen_frames / (time.perf_counter() - t0)
+                eng.flush()  # the frame still decoding is not counted, so not timed either
             results[(b, label)] = fps
             ratio = fps / results[(b, "naive")]
             how = f"{torch.get_num_threads()}+{torch.get_num_threads()}" if pipelined else f"{threads}"

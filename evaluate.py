@@ -46,17 +46,9 @@ from utils import arg
 
 
 @dataclass
-class EvalConfig:
-    ckpt: str = arg(generate.DEFAULT_CKPT, "DiT checkpoint (train.py dit, or the bundled one)")
-    vae: str = arg("", "VAE checkpoint; default: the one the DiT checkpoint records")
+class EvalConfig(generate.ModelConfig):
     data: str = arg("data/pong_heldout", "held-out recorded episodes (a seed and epsilon never used for training)")
     out: str = arg("runs/eval", "output directory: metrics.json, metrics.png")
-    steps: int = arg(2, "DDIM denoising steps per frame")
-    context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
-    guidance: float = arg(1.0, "classifier-free guidance scale on the action (1: off; >1 costs a second DiT pass)")
-    window: str = arg(
-        "chunk", "how the context window moves once full (generate.WINDOW_MODES)", choices=["exact", "chunk", "stream"]
-    )
     context: int = arg(0, "real context frames for teacher forcing and controllability; 0 = the model's max_frames-1")
     prompt: int = arg(0, "real prompt frames before each autoregressive rollout; 0 = --context")
     rollouts: int = arg(64, "autoregressive rollouts, start points spread evenly over the held-out episodes")
@@ -71,8 +63,6 @@ class EvalConfig:
     batch: int = arg(32, "rollouts generated at once")
     max_episodes: int = arg(0, "evaluate at most this many held-out episodes (0 = all)")
     seed: int = arg(0, "random seed (start points are fixed; the sampler's noise is seeded per batch)")
-    device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
-    ema: bool = arg(True, "use the EMA weights")
 
 
 DESCRIPTION = __doc__.splitlines()[0] + " (--quick is short for --preset quick)"
@@ -443,7 +433,8 @@ def main(cfg, argv=()):
             eng = engine if (st, cn) == (cfg.steps, cfg.context_noise) else make(st, cn)
             tf, ar = (m_tf, m_ar) if eng is engine else quality(eng, f"{name}={v}")[:2]
             row = {"steps": st, "context_noise": cn} | {f"tf_{k}": tf[k] for k in ("psnr", "ssim", "ball_presence")}
-            row |= {f"ar_{k}": ar[k] for k in ("psnr", "psnr_mean", "ball_presence")}
+            row |= {f"ar_{k}": ar[k] for k in ("psnr", "psnr_mean", "ball_presence", "ball_spurious")}
+            row |= {"ar_ball_error_first16_px": ar["ball_error_first16_px"]}
             rows.append(row | {"fps_batch1": fps_batch1(eng, eps, ar_pts[0], P, cfg.speed_frames)})
         sweeps[name] = rows
 
@@ -498,10 +489,11 @@ def report(m, horizons):
     )
     out.append(f"speed         {f(m['speed']['frames_per_s_batch1'], 1)} frames/s at batch 1 on {m['device']}")
     for name, rows in m["sweeps"].items():
-        out.append(f"sweep {name}: steps noise  tf dB  ar dB  ball   fps")
+        out.append(f"sweep {name}: steps noise  tf dB  ar dB  ball  spur.  err16   fps")
         out += [
             f"{'':>{len(name) + 7}}{r['steps']:>5} {r['context_noise']:>5} {f(r['tf_psnr']):>6} "
-            f"{f(r['ar_psnr_mean']):>6} {f(r['ar_ball_presence']):>5} {f(r['fps_batch1'], 1):>5}"
+            f"{f(r['ar_psnr_mean']):>6} {f(r['ar_ball_presence']):>5} {f(r['ar_ball_spurious']):>6} "
+            f"{f(r['ar_ball_error_first16_px'], 1):>6} {f(r['fps_batch1'], 1):>5}"
             for r in rows
         ]
     return "\n".join(out + [f"wrote {os.path.join(m['config']['out'], 'metrics.json')} and metrics.png"])

@@ -34,15 +34,11 @@ SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_da
 
 
 @dataclass
-class GenerateConfig:
+class ModelConfig:
+    """The world model and how it samples: the flags generate.py, evaluate.py and play.py share."""
+
     ckpt: str = arg(DEFAULT_CKPT, "DiT checkpoint (train.py dit, or the bundled one)")
     vae: str = arg("", "VAE checkpoint; default: the one the DiT checkpoint records")
-    prompt: str = arg(
-        os.path.join(SAMPLE_DIR, "prompt.png"), "prompt frame(s): a PNG/JPG, or an .npz of uint8 (n, H, W, 3)"
-    )
-    actions: str = arg(os.path.join(SAMPLE_DIR, "actions_rally.pt"), "actions .pt: indices (T,) or one-hot (T, 6)")
-    frames: int = arg(120, "frames to write, prompt included")
-    out: str = arg("runs/generated.mp4", "output: .mp4, .gif or .npz")
     steps: int = arg(2, "DDIM denoising steps per frame (2: as good as 4 or 8 on the shipped model, README)")
     context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
     guidance: float = arg(1.0, "classifier-free guidance scale on the action (1: off; >1 costs a second DiT pass)")
@@ -51,15 +47,28 @@ class GenerateConfig:
         "how the context window moves once full: exact | chunk | stream (see WINDOW_MODES)",
         choices=["exact", "chunk", "stream"],
     )
+    device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
+    ema: bool = arg(True, "use the EMA weights")
+
+
+THREADS_HELP = "CPU threads for each of the two stages (DiT, VAE decode); 0: half the cores each"
+
+
+@dataclass
+class GenerateConfig(ModelConfig):
+    prompt: str = arg(
+        os.path.join(SAMPLE_DIR, "prompt.png"), "prompt frame(s): a PNG/JPG, or an .npz of uint8 (n, H, W, 3)"
+    )
+    actions: str = arg(os.path.join(SAMPLE_DIR, "actions_rally.pt"), "actions .pt: indices (T,) or one-hot (T, 6)")
+    frames: int = arg(120, "frames to write, prompt included")
+    out: str = arg("runs/generated.mp4", "output: .mp4, .gif or .npz")
     seed: int = arg(0, "random seed")
     fps: int = arg(15, "frames per second of the video")
     scale: int = arg(4, "nearest-neighbour upscaling of the video")
     batch: int = arg(1, "rollouts at once (different seeds); each is written as OUT with a _i suffix")
     episode: str = arg("", "replay a recorded episode .npz: prompt and actions from it, real beside generated")
     start: int = arg(0, "with --episode: the frame to start from")
-    device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
-    threads: int = arg(0, "CPU threads for each of the two stages (DiT, VAE decode); 0: half the cores each")
-    ema: bool = arg(True, "use the EMA weights")
+    threads: int = arg(0, THREADS_HELP)
 
 
 def psnr(a, b):

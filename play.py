@@ -34,10 +34,9 @@ import torch
 
 import utils
 from generate import (
-    DEFAULT_CKPT,
     SAMPLE_DIR,
-    WINDOW_MODES,
-    GenerateConfig,
+    THREADS_HELP,
+    ModelConfig,
     WorldModel,
     read_actions,
     read_prompt,
@@ -51,20 +50,9 @@ POLICIES = "auto | keys | random | up | down | noop | file:ACTIONS.pt"
 
 
 @dataclass
-class PlayConfig:
-    ckpt: str = arg(DEFAULT_CKPT, "DiT checkpoint (train.py dit, or the bundled one)")
-    vae: str = arg("", "VAE checkpoint; default: the one the DiT checkpoint records")
+class PlayConfig(ModelConfig):
     prompt: str = arg(
         os.path.join(SAMPLE_DIR, "prompt.png"), "prompt frame: a PNG/JPG or .npz (its last frame is used)"
-    )
-    device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
-    steps: int = arg(GenerateConfig.steps, "DDIM denoising steps per frame")
-    context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
-    guidance: float = arg(1.0, "classifier-free guidance scale on the action (1: off; >1 costs a second DiT pass)")
-    window: str = arg(
-        GenerateConfig.window,  # generate.py's default, so a replay needs no extra flag
-        "how the context window moves once full: " + " | ".join(WINDOW_MODES) + " (see generate.py)",
-        choices=list(WINDOW_MODES),
     )
     seed: int = arg(0, "random seed (the model's noise, --policy random, the emulator)")
     fps: int = arg(
@@ -77,8 +65,7 @@ class PlayConfig:
     frames: int = arg(0, "stop after this many generated frames (0: play until Esc; required with --headless)")
     policy: str = arg("auto", f"who plays: {POLICIES}; auto = keys in a window, random when --headless")
     screenshot: str = arg("", "save the window as this PNG when the game stops (after --frames, or on Esc)")
-    threads: int = arg(0, "CPU threads for each of the two stages (DiT, VAE decode); 0: half the cores each")
-    ema: bool = arg(True, "use the EMA weights")
+    threads: int = arg(0, THREADS_HELP)
 
 
 def keys_to_action(up, down, fire):

@@ -195,12 +195,21 @@ class VAETask:
         self.init_scaling = None
         if cfg.decoder_only and not cfg.init:
             utils.die("--decoder-only needs --init: the VAE whose decoder to fine-tune")
+        if cfg.decoder and not cfg.decoder_only:
+            utils.die("--decoder needs --decoder-only: a new decoder is trained against a frozen --init encoder")
         if cfg.init:  # GameNGen fine-tunes the decoder of a trained VAE the same way
-            from uvit_vae import AutoencoderKL
+            from uvit_vae import DECODER_CONFIGS, AutoencoderKL
 
             ck = utils.load_checkpoint(resolve_vae_path(cfg.init), kind="vae")
+            weights = ck["ema"]
+            if cfg.decoder:  # a fresh (lighter) decoder: keep everything but decoder.*
+                if cfg.decoder not in DECODER_CONFIGS:
+                    utils.die(f"--decoder {cfg.decoder!r}: choose from {sorted(DECODER_CONFIGS)}")
+                ck["config"]["model"]["decoder"] = DECODER_CONFIGS[cfg.decoder]
+                weights = {k: v for k, v in weights.items() if not k.startswith("decoder.")}
             self.model = AutoencoderKL(**ck["config"]["model"]).to(device)
-            self.model.load_state_dict(ck["ema"])
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            assert not unexpected and all(k.startswith("decoder.") for k in missing) and (cfg.decoder or not missing)
             self.init_scaling = ck["config"]["scaling_factor"]
         if cfg.decoder_only:
             for part in (self.model.encoder, self.model.quant_conv):
@@ -290,6 +299,13 @@ class DiTTask:
         self.model = DiT_models[cfg.model](
             input_h=h, input_w=w, in_channels=c, max_frames=cfg.seq_len, action_dim=utils.NUM_ACTIONS
         ).to(device)
+        if cfg.init:  # fine-tune a trained DiT (its EMA weights) on the same VAE's latents
+            ck = utils.load_checkpoint(resolve_vae_path(cfg.init), kind="dit")
+            if ck["config"]["model"] != json.loads(json.dumps(self.model.config)):
+                utils.die(f"--init {cfg.init}: model config {ck['config']['model']} differs from --model {cfg.model}")
+            if ck["config"].get("vae_fingerprint") != vae_fingerprint(vae_path):
+                utils.die(f"--init {cfg.init} was trained on another VAE's latents than --vae {cfg.vae}")
+            self.model.load_state_dict(ck["ema"])
         self.model_config = dict(self.model.config)
         self.forward_module = self.model
         self.extra_config = {

@@ -12,8 +12,11 @@ Several GPUs or nodes (DDP; NCCL on CUDA, gloo on CPU):
 Resume a run after a crash or kill:
     python train.py dit --data data/pong --vae runs/vae --out runs/dit --resume
 
-Fine-tune the decoder of a trained VAE (the latents, and a DiT trained on them, stay valid):
+Fine-tune the decoder of a trained VAE, or train a lighter one (the latents, and a DiT trained on them, stay valid):
     python train.py vae --data data/pong --init runs/vae --decoder-only --out runs/vae_dec
+    python train.py vae --data data/pong --init runs/vae --decoder-only --decoder lite --out runs/vae_lite
+Fine-tune a trained DiT (from its EMA weights), e.g. on more data:
+    python train.py dit --data data/pong,data/more --vae runs/vae --init runs/dit --out runs/dit_ft
 
 The DiT is trained with diffusion forcing: every frame of a window gets its own
 noise level, v-prediction on the sigmoid schedule. This file is the loop (optimizer,
@@ -62,10 +65,11 @@ class TrainConfig:
     kl_weight: float = arg(1e-6, "vae: KL weight (per-element, relative to the reconstruction)")
     crop: int = arg(0, "vae: train on random crops of this size (a multiple of 8; 0 = whole frames)")
     fg_weight: float = arg(20.0, "vae: extra loss weight on pixels that differ from the static background")
-    init: str = arg("", "vae: start from this VAE run dir or ckpt.pt (its EMA weights) instead of random weights")
+    init: str = arg("", "start from this run dir or ckpt.pt of the same kind (its EMA weights), not random weights")
     decoder_only: bool = arg(
         False, "vae: with --init, train only the decoder: the latents (and a DiT trained on them) stay valid"
     )
+    decoder: str = arg("", "vae: with --decoder-only, a new decoder of this uvit_vae.DECODER_CONFIGS size")
     val_fraction: float = arg(0.1, "share of episodes held out for validation")
     max_episodes: int = arg(0, "use at most this many episodes of each data dir, the first by index (0 = all)")
     log_every: int = arg(50, "steps between log lines (and NaN checks)")
@@ -93,7 +97,7 @@ PRESETS = {
                     fg_weight=50.0, eval_every=250, save_every=250),
         # The shipped engine must also play in real time on a CPU: "pong_cpu" decodes about twice as fast as
         # "pong" (bench.py --what vae), so the GPU recipe trains the same small VAE, far longer.
-        "gpu": dict(model="pong_cpu", steps=20_000, max_minutes=3, batch_size=64, lr=4e-4, warmup=200,
+        "gpu": dict(model="pong_cpu", steps=20_000, max_minutes=2, batch_size=64, lr=4e-4, warmup=200,
                     fg_weight=100.0, eval_every=1000, save_every=1000),
     },
     "dit": {
@@ -102,8 +106,9 @@ PRESETS = {
         "cpu": dict(model="XS", steps=100_000, max_minutes=30, batch_size=16, seq_len=6, lr=5e-4, warmup=200,
                     max_episodes=4, ema_decay=0.998, eval_every=500, sample_every=1000, save_every=250),
         # XS, not the default S: the fp16 bundle must stay under 25 MB (S alone is 38 MB) and generate
-        # 20 frames/s on a 2-core CPU. About 10 minutes of GPU for both stages (--max-minutes).
-        "gpu": dict(model="XS", steps=30_000, max_minutes=5, batch_size=64, seq_len=16, lr=4e-4, warmup=300,
+        # 20 frames/s on a 2-core CPU. With the VAE (2 min) and the lite decoder (1 min), `make train-gpu`
+        # takes about 7 minutes of training, so it fits one 10-minute call of a lent GPU.
+        "gpu": dict(model="XS", steps=30_000, max_minutes=4, batch_size=64, seq_len=16, lr=4e-4, warmup=300,
                     ema_decay=0.999, eval_every=1000, sample_every=2000, save_every=1000),
     },
 }

@@ -199,12 +199,23 @@ class AutoencoderKL(nn.Module):
         scaling_factor=0.18215,
         in_channels=3,
         norm_groups=32,
+        decoder=None,
     ):
         super().__init__()
         ch_mult = tuple(ch_mult)
-        for c in {ch * m for m in ch_mult}:
-            if c % norm_groups:
-                raise ValueError(f"norm_groups={norm_groups} must divide every channel count, not {c}")
+        # decoder: overrides of ch / ch_mult / num_res_blocks / norm_groups for a lighter decoder alone
+        dec = {
+            **dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, norm_groups=norm_groups),
+            **(decoder or {}),
+        }
+        dec["ch_mult"] = tuple(dec["ch_mult"])
+        if len(dec["ch_mult"]) != len(ch_mult):
+            raise ValueError(f"the decoder needs {len(ch_mult)} levels like the encoder, got {dec['ch_mult']}")
+        for c, g in [(ch * m, norm_groups) for m in ch_mult] + [
+            (dec["ch"] * m, dec["norm_groups"]) for m in dec["ch_mult"]
+        ]:
+            if c % g:
+                raise ValueError(f"norm_groups={g} must divide every channel count, not {c}")
         self.config = dict(
             ch=ch,
             ch_mult=ch_mult,
@@ -214,11 +225,14 @@ class AutoencoderKL(nn.Module):
             scaling_factor=scaling_factor,
             in_channels=in_channels,
             norm_groups=norm_groups,
+            decoder=dict(decoder) if decoder else None,
         )
         self.scaling_factor = scaling_factor
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels, in_channels, norm_groups)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, in_channels, norm_groups)
+        self.decoder = Decoder(
+            dec["ch"], dec["ch_mult"], dec["num_res_blocks"], z_channels, in_channels, dec["norm_groups"]
+        )
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
 
@@ -284,6 +298,13 @@ VAE_CONFIGS = {
     "pong_fast": dict(
         ch=16, ch_mult=(1, 1, 2, 4), num_res_blocks=1, z_channels=4, embed_dim=4, scaling_factor=1.0, norm_groups=16
     ),
+}
+
+# Lighter decoders for `train.py vae --init RUN --decoder-only --decoder NAME`: the encoder (and so the
+# latents a DiT was trained on) stays; only decoding gets cheaper. "lite": ~4x cheaper than pong_cpu's
+# decoder on the CPU (bench.py --what vae); its 96x96 level has 16 channels instead of 32.
+DECODER_CONFIGS = {
+    "lite": dict(ch=16, ch_mult=(1, 1, 2, 4), num_res_blocks=0, norm_groups=8),
 }
 
 

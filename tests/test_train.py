@@ -294,3 +294,51 @@ def test_decoder_finetune_keeps_the_encoder(pipeline, tmp_path):
     assert new["config"]["scaling_factor"] == old["config"]["scaling_factor"]
     one_line_error(run(*args, "--decoder-only", "--out", str(tmp_path / "x"), check=False), "--init")
     one_line_error(run(*args, "--init", pipeline["dit"], "--out", str(tmp_path / "y"), check=False), "'dit'")
+
+
+def test_lighter_decoder_keeps_the_encoder(pipeline, tmp_path):
+    """--decoder lite: a new, smaller decoder learns against the frozen encoder; generation loads it."""
+    from generate import load_vae
+
+    out = str(tmp_path / "lite")
+    args = ["train.py", "vae", "--preset", "tiny", "--data", pipeline["data"], "--wandb", "disabled"]
+    run(*args, "--init", pipeline["vae"], "--decoder-only", "--decoder", "lite", "--steps", "10", "--out", out)
+    load = lambda d: torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
+    old, new = load(pipeline["vae"]), load(out)
+    assert new["config"]["model"]["decoder"]["ch"] == 16
+    enc = [k for k in old["ema"] if k.startswith(("encoder.", "quant_conv."))]
+    assert enc and all(torch.equal(old["ema"][k], new["model"][k]) for k in enc)
+    n_dec = lambda sd: sum(v.numel() for k, v in sd.items() if k.startswith("decoder."))
+    assert n_dec(new["ema"]) != n_dec(old["ema"])
+    vae = load_vae(os.path.join(out, "ckpt.pt"), "cpu")
+    assert vae.decode(torch.zeros(1, 4, 4, 4)).shape == (1, 3, 32, 32)
+    one_line_error(
+        run(*args, "--init", pipeline["vae"], "--decoder", "lite", "--out", str(tmp_path / "x"), check=False),
+        "--decoder-only",
+    )
+    bad = run(
+        *args,
+        "--init",
+        pipeline["vae"],
+        "--decoder-only",
+        "--decoder",
+        "huge",
+        "--out",
+        str(tmp_path / "y"),
+        check=False,
+    )
+    one_line_error(bad, "huge")
+
+
+def test_dit_init_starts_from_the_trained_weights(pipeline, tmp_path):
+    """train.py dit --init RUN starts from RUN's EMA weights (lr 0: nothing moves); wrong runs are refused."""
+    out = str(tmp_path / "ft")
+    args = ["train.py", "dit", "--preset", "tiny", "--data", pipeline["data"], "--vae", pipeline["vae"]]
+    args += ["--wandb", "disabled", "--steps", "2", "--sample-every", "0"]
+    run(*args, "--init", pipeline["dit"], "--lr", "0", "--out", out)
+    load = lambda d: torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
+    old, new = load(pipeline["dit"]), load(out)
+    assert all(torch.equal(old["ema"][k], new["model"][k]) for k in old["ema"])
+    one_line_error(run(*args, "--init", pipeline["vae"], "--out", str(tmp_path / "x"), check=False), "'vae'")
+    other = run(*args, "--init", pipeline["dit"], "--model", "XS", "--out", str(tmp_path / "y"), check=False)
+    one_line_error(other, "--init")

@@ -119,8 +119,8 @@ class TemporalAxialAttention(nn.Module):
 
         With a KVCache, x holds the n frames right after the cached ones (positions
         offset..offset+n-1); they attend to every cached frame and causally to each
-        other. commit=True stores their keys/values and advances the offset; commit=k keeps
-        only the first k of them (the others were queries only).
+        other. commit=k stores the keys/values of the first k of them and advances the
+        offset by k (0: none are kept; the frames after the first k were queries only).
         """
         B, n, H, W, D = x.shape
         qkv = self.qkv(x)  # (B, n, H, W, 3D)
@@ -142,6 +142,7 @@ class TemporalAxialAttention(nn.Module):
             mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(diagonal=past)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if cache is not None and commit:
-            cache.commit(n if commit is True else int(commit))
+            assert not isinstance(commit, bool), "commit is a frame count, not a flag"
+            cache.commit(commit)
         out = rearrange(out, "(b h w) nh t hd -> b t h w (nh hd)", b=B, h=H)  # (B, n, H, W, D)
         return self.proj(out)

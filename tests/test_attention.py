@@ -51,7 +51,7 @@ def test_cache_frame_by_frame_equals_full():
     for t in range(T):
         peek = attn(x[:, t : t + 1], cache=cache)  # not committed: does not change the cache
         assert len(cache) == t and cache.offset == t
-        out = attn(x[:, t : t + 1], cache=cache, commit=True)
+        out = attn(x[:, t : t + 1], cache=cache, commit=1)
         assert torch.allclose(peek, out)
         assert torch.allclose(out, full[:, t : t + 1], atol=1e-5), t
     assert cache.k.shape == (B * H * W, HEADS, T, D // HEADS) and cache.offset == T
@@ -62,9 +62,9 @@ def test_cache_chunks_equal_full():
     attn, x = make()
     full = attn(x)
     cache = KVCache()
-    a = attn(x[:, :3], cache=cache, commit=True)
-    b = attn(x[:, 3:7], cache=cache, commit=True)  # a chunk after a non-empty cache: needs the offset mask
-    c = attn(x[:, 7:], cache=cache, commit=True)
+    a = attn(x[:, :3], cache=cache, commit=3)
+    b = attn(x[:, 3:7], cache=cache, commit=4)  # a chunk after a non-empty cache: needs the offset mask
+    c = attn(x[:, 7:], cache=cache, commit=T - 7)
     assert torch.allclose(torch.cat((a, b, c), 1), full, atol=1e-5)
 
 
@@ -74,7 +74,7 @@ def test_trim_then_step_equals_window_forward():
     keep = 3
     cache = KVCache()
     for t in range(T - 1):
-        attn(x[:, t : t + 1], cache=cache, commit=True)
+        attn(x[:, t : t + 1], cache=cache, commit=1)
         cache.trim(keep)
     assert len(cache) == keep and cache.offset == T - 1
     out = attn(x[:, T - 1 :], cache=cache)
@@ -90,5 +90,5 @@ def test_large_offsets_keep_accuracy():
     attn, x = make()
     cache = KVCache()
     cache.offset = 5000
-    outs = [attn(x[:, t : t + 1], cache=cache, commit=True) for t in range(T)]
+    outs = [attn(x[:, t : t + 1], cache=cache, commit=1) for t in range(T)]
     assert torch.allclose(torch.cat(outs, 1), attn(x), atol=1e-5)

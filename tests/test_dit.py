@@ -80,6 +80,12 @@ def test_actions_condition_their_frame():
     assert not torch.allclose(y[:, 3], y2[:, 3], atol=1e-4)
 
 
+def span(x, t, a, lo, hi=None):
+    """Frames lo..hi-1 of (x, t, a), for forward_cached / queue."""
+    hi = lo + 1 if hi is None else hi
+    return x[:, lo:hi], t[:, lo:hi], a[:, lo:hi]
+
+
 @torch.no_grad()
 def test_incremental_generation_equals_full_forward():
     model = perturbed()
@@ -87,7 +93,7 @@ def test_incremental_generation_equals_full_forward():
     full = model(x, t, a)
     cache = model.new_cache()
     for j in range(T - 1):  # commit the context frame by frame
-        out = model.forward_cached(x[:, j : j + 1], t[:, j : j + 1], a[:, j : j + 1], cache, commit=True)
+        out = model.forward_cached(*span(x, t, a, j), cache, commit=True)
         assert torch.allclose(out, full[:, j : j + 1], atol=1e-5)
     assert len(cache) == T - 1 and cache.offset == T - 1
     # denoising steps of the new frame at other noise levels: uncommitted, the cache stays put
@@ -105,8 +111,8 @@ def test_context_in_one_chunk_equals_full_forward():
     x, t, a = inputs()
     full = model(x, t, a)
     cache = model.new_cache()
-    ctx = model.forward_cached(x[:, :4], t[:, :4], a[:, :4], cache, commit=True)
-    rest = model.forward_cached(x[:, 4:], t[:, 4:], a[:, 4:], cache)
+    ctx = model.forward_cached(*span(x, t, a, 0, 4), cache, commit=True)
+    rest = model.forward_cached(*span(x, t, a, 4, T), cache)
     assert torch.allclose(torch.cat((ctx, rest), 1), full, atol=1e-5)
 
 
@@ -117,11 +123,11 @@ def test_sliding_window_after_trim_equals_window_forward():
     keep = 4
     cache = model.new_cache()
     for j in range(9):
-        model.forward_cached(x[:, j : j + 1], t[:, j : j + 1], a[:, j : j + 1], cache, commit=True)
+        model.forward_cached(*span(x, t, a, j), cache, commit=True)
         model.trim_cache(cache, keep)
         assert len(cache) == min(j + 1, keep) and cache.offset == j + 1
-    out = model.forward_cached(x[:, 9:], t[:, 9:], a[:, 9:], cache)
-    window = model(x[:, 9 - keep :], t[:, 9 - keep :], a[:, 9 - keep :])
+    out = model.forward_cached(*span(x, t, a, 9), cache)
+    window = model(*span(x, t, a, 9 - keep, 10))
     assert torch.allclose(out, window[:, -1:], atol=1e-5)
     assert not torch.allclose(out, model(x, t, a)[:, -1:], atol=1e-4)  # frames really left the window
 
@@ -133,14 +139,14 @@ def test_queued_frames_run_with_the_next_step():
     x, t, a = inputs(t=10)
     keep = 4
     cache = model.new_cache()
-    model.queue(cache, x[:, :3], t[:, :3], a[:, :3])
+    model.queue(cache, *span(x, t, a, 0, 3))
     assert len(cache) == 3 and cache.pending == 3 and len(cache.layers[0]) == 0 and cache.offset == 3
     for j in range(3, 9):
-        out = model.forward_cached(x[:, j : j + 1], t[:, j : j + 1], a[:, j : j + 1], cache)  # a denoising step
+        out = model.forward_cached(*span(x, t, a, j), cache)  # a denoising step
         lo = max(0, j - keep)
-        assert torch.allclose(out, model(x[:, lo : j + 1], t[:, lo : j + 1], a[:, lo : j + 1])[:, -1:], atol=1e-5)
+        assert torch.allclose(out, model(*span(x, t, a, lo, j + 1))[:, -1:], atol=1e-5)
         assert cache.pending == 0 and cache.offset == j
-        model.queue(cache, x[:, j : j + 1], t[:, j : j + 1], a[:, j : j + 1])
+        model.queue(cache, *span(x, t, a, j))
         model.trim_cache(cache, keep)  # exact: the kept frames are queued again, nothing runs yet
         assert len(cache) == min(j + 1, keep) and cache.offset == j + 1
         assert cache.pending == (keep if j + 1 > keep else 1)
@@ -151,10 +157,10 @@ def test_streaming_trim_keeps_positions():
     model = perturbed()
     x, t, a = inputs(t=8)
     cache = model.new_cache()
-    model.forward_cached(x[:, :6], t[:, :6], a[:, :6], cache, commit=True)
+    model.forward_cached(*span(x, t, a, 0, 6), cache, commit=True)
     model.trim_cache(cache, 2, exact=False)
     assert len(cache) == 2 and cache.offset == 6 and cache.x.shape[1] == 2
-    assert model.forward_cached(x[:, 6:], t[:, 6:], a[:, 6:], cache).shape == (B, 2, 4, 4, 6)
+    assert model.forward_cached(*span(x, t, a, 6, 8), cache).shape == (B, 2, 4, 4, 6)
 
 
 def test_bad_shapes_are_named():

@@ -130,8 +130,8 @@ class DiTCache:
     (the next forward_cached does it). Keeping the inputs lets a trim re-encode exactly.
     """
 
-    def __init__(self, depth):
-        self.layers = [KVCache() for _ in range(depth)]
+    def __init__(self, depth, capacity=16):
+        self.layers = [KVCache(capacity) for _ in range(depth)]
         self.x = self.t = self.a = None  # frames held (B, Tc, ...), as given to queue/forward_cached
         self.pending = 0
 
@@ -152,6 +152,50 @@ class DiTCache:
             self.x, self.t, self.a = new
         else:
             self.x, self.t, self.a = (torch.cat((o, n), dim=1) for o, n in zip((self.x, self.t, self.a), new))
+
+
+class CUDAGraphRunner:
+    """DiT._run replayed from CUDA graphs, one per cache state: model.forward_cached(..., runner=this).
+
+    A state is (batch, frames in the pass, frames cached, position): with exact trims
+    (positions restart at 0) a sliding window cycles through a handful of them. Each is
+    captured once, after a warm-up on a side stream; a replay copies the inputs into the
+    graph's static tensors and writes the new keys/values into the cache's buffers, which
+    therefore must not move: a runner serves one cache (make a new one with each new cache).
+    The commit, Python bookkeeping, is applied after the replay.
+    """
+
+    def __init__(self, model):
+        self.model, self.graphs, self.pool = model, {}, None
+
+    def __call__(self, x, t, a, cache, commit=0):
+        kv = cache.layers[0]
+        key = (x.shape[0], x.shape[1], len(kv), kv.offset)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(x, t, a, cache)
+        replay, inputs, out = self.graphs[key]
+        for static, v in zip(inputs, (x, t, a)):
+            static.copy_(v)
+        replay()
+        if commit:
+            for kv in cache.layers:
+                kv.commit(commit)
+        return out.clone()  # the next replay overwrites `out`
+
+    def capture(self, x, t, a, cache):
+        """(replay, static inputs, static output) for this state."""
+        inputs = tuple(v.clone() for v in (x, t, a))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazy kernel and allocator set-up stays out of the graph
+            for _ in range(2):
+                self.model._run(*inputs, cache, commit=0)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.model._run(*inputs, cache, commit=0)
+        self.pool = graph.pool()
+        return graph.replay, inputs, out
 
 
 class DiT(nn.Module):
@@ -247,8 +291,8 @@ class DiT(nn.Module):
     # ---- incremental generation -------------------------------------------------
 
     def new_cache(self):
-        """An empty generation cache: one KVCache per block."""
-        return DiTCache(self.depth)
+        """An empty generation cache: one KVCache per block, sized for the window (no reallocation)."""
+        return DiTCache(self.depth, capacity=max(16, self.max_frames))
 
     def queue(self, cache, x, t, a):
         """Add n frames after the cached ones without running the model; the next forward_cached encodes them."""
@@ -256,11 +300,12 @@ class DiT(nn.Module):
         cache.add(x, t, a)
         cache.pending += x.shape[1]
 
-    def forward_cached(self, x_new, t_new, a_new, cache, commit=False):
+    def forward_cached(self, x_new, t_new, a_new, cache, commit=False, runner=None):
         """Outputs (B, n, C, H, W) for n new frames that directly follow the cached ones.
 
         Queued frames run in the same pass, ahead of the new ones, and are committed.
         commit=True also appends the new frames' keys/values (and inputs) to the cache.
+        runner: what runs the pass (default self._run; a CUDAGraphRunner replays it).
         Call it under torch.inference_mode(): the cache is written in place.
         """
         p, n = cache.pending, x_new.shape[1]
@@ -268,7 +313,7 @@ class DiT(nn.Module):
             x_new, t_new, a_new = (
                 torch.cat((q[:, -p:], v), dim=1) for q, v in zip((cache.x, cache.t, cache.a), (x_new, t_new, a_new))
             )
-        out = self._run(x_new, t_new, a_new, cache, commit=p + n if commit else p)
+        out = (runner or self._run)(x_new, t_new, a_new, cache, commit=p + n if commit else p)
         cache.pending = 0
         if commit:  # keep the inputs too, so trim_cache can re-encode a window exactly
             cache.add(x_new[:, p:], t_new[:, p:], a_new[:, p:])
@@ -278,18 +323,19 @@ class DiT(nn.Module):
         """Keep only the last `keep` frames (positions unchanged).
 
         exact=True queues the kept frames for re-encoding (the next forward_cached runs
-        them), so continuing equals a full forward over the window. exact=False only
-        drops old keys/values: O(1), but the kept frames' deeper keys/values still
-        carry information from the dropped frames (a streaming approximation).
+        them), so continuing equals a full forward over the window; they restart at
+        position 0 (RoPE is relative, so only rounding changes), which makes the cache's
+        states repeat, as CUDAGraphRunner needs. exact=False only drops old keys/values:
+        O(1), but the kept frames' deeper keys/values still carry information from the
+        dropped frames (a streaming approximation).
         """
         if keep >= len(cache):
             return
         keep = max(keep, 0)
         cache.x, cache.t, cache.a = (z[:, z.shape[1] - keep :] for z in (cache.x, cache.t, cache.a))
         if exact or keep <= cache.pending:  # every kept frame runs again from its input
-            start = cache.offset - keep
             for kv in cache.layers:
-                kv.reset(offset=start)
+                kv.reset(offset=0)
             cache.pending = keep
         else:
             for kv in cache.layers:

@@ -377,8 +377,19 @@ def main(cfg, argv=()):
     dit, dconf = generate.load_dit(cfg.ckpt, device, cfg.ema)
     vae_path = generate.find_vae(cfg.ckpt, dconf, cfg.vae)
     vae = generate.load_vae(vae_path, device)
+    if cfg.cuda_graph and not device.startswith("cuda"):
+        utils.die(f"--cuda-graph needs a CUDA device, not {device}")
     make = lambda st, cn: generate.WorldModel(
-        dit, vae, dconf["latent_scale"], device, st, cn, seed=cfg.seed, window=cfg.window, guidance=cfg.guidance
+        dit,
+        vae,
+        dconf["latent_scale"],
+        device,
+        st,
+        cn,
+        seed=cfg.seed,
+        window=cfg.window,
+        guidance=cfg.guidance,
+        cuda_graph=cfg.cuda_graph,
     )
     engine = make(cfg.steps, cfg.context_noise)
     max_ctx = dit.max_frames - 1

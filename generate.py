@@ -49,6 +49,7 @@ class ModelConfig:
     )
     device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
     ema: bool = arg(True, "use the EMA weights")
+    cuda_graph: bool = arg(False, "CUDA only: replay each DiT pass from a captured CUDA graph (dit.CUDAGraphRunner)")
 
 
 THREADS_HELP = "CPU threads for each of the two stages (DiT, VAE decode); 0: half the cores each"
@@ -158,11 +159,15 @@ class WorldModel:
         seed=0,
         window="chunk",
         guidance=1.0,
+        cuda_graph=False,
     ):
         self.dit, self.vae, self.scale, self.device = dit, vae, latent_scale, torch.device(device)
         self.cached, self.guidance = cached, float(guidance)
         if window not in WINDOW_MODES:
             raise ValueError(f"window must be one of {WINDOW_MODES}, found {window!r}")
+        if cuda_graph and (self.device.type != "cuda" or not cached or window == "stream"):
+            raise ValueError("CUDA graphs need device cuda, the cached sampler and an exact or chunk window")
+        self.cuda_graph, self.runner = cuda_graph, None
         self.window_mode = window
         self.context_noise = int(context_noise)
         self.window = dit.max_frames
@@ -180,7 +185,9 @@ class WorldModel:
 
     @classmethod
     def from_config(cls, cfg, device):
-        """From a script config with ckpt, vae, ema, steps, context_noise, seed and window fields."""
+        """From a script config: ModelConfig's fields and a seed."""
+        if cfg.cuda_graph and torch.device(device).type != "cuda":
+            utils.die(f"--cuda-graph needs a CUDA device, not {device}")
         return cls.from_checkpoint(
             cfg.ckpt,
             cfg.vae,
@@ -191,6 +198,7 @@ class WorldModel:
             seed=cfg.seed,
             window=cfg.window,
             guidance=cfg.guidance,
+            cuda_graph=cfg.cuda_graph,
         )
 
     @property
@@ -238,6 +246,10 @@ class WorldModel:
         if self.cached:  # encoded together with the first denoising step of the next frame
             self.cache = self.dit.new_cache()
             self.dit.queue(self.cache, ctx, t, ctx_actions)
+            if self.cuda_graph:  # its graphs hold this cache's buffers
+                from dit import CUDAGraphRunner
+
+                self.runner = CUDAGraphRunner(self.dit)
         else:
             self.ctx, self.ctx_t, self.ctx_actions = ctx, t, ctx_actions  # (B, Tc, ...) the model's context
 
@@ -273,7 +285,7 @@ class WorldModel:
     def _predict(self, x, tt, a):
         """The DiT's v for the new frame x (B, 1, C, h, w) at level tt (B, 1) after action a (B, 1, A)."""
         if self.cached:
-            return self.dit.forward_cached(x, tt, a, self.cache)
+            return self.dit.forward_cached(x, tt, a, self.cache, runner=self.runner)
         full = self.dit(
             torch.cat([self.ctx, x], 1), torch.cat([self.ctx_t, tt], 1), torch.cat([self.ctx_actions, a], 1)
         )

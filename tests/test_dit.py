@@ -1,8 +1,9 @@
 """DiT: shapes, adaLN-Zero at init, gradients everywhere, causality, KV-cached generation = full forward."""
 
+import pytest
 import torch
 
-from dit import DEFAULT_MODEL, DiT, DiT_models, flops_per_frame
+from dit import DEFAULT_MODEL, CUDAGraphRunner, DiT, DiT_models, flops_per_frame
 
 KW = dict(input_h=4, input_w=6, in_channels=4, action_dim=6, max_frames=8)
 B, T = 2, 6
@@ -125,7 +126,7 @@ def test_sliding_window_after_trim_equals_window_forward():
     for j in range(9):
         model.forward_cached(*span(x, t, a, j), cache, commit=True)
         model.trim_cache(cache, keep)
-        assert len(cache) == min(j + 1, keep) and cache.offset == j + 1
+        assert len(cache) == min(j + 1, keep) and cache.offset == len(cache)  # positions restart at a trim
     out = model.forward_cached(*span(x, t, a, 9), cache)
     window = model(*span(x, t, a, 9 - keep, 10))
     assert torch.allclose(out, window[:, -1:], atol=1e-5)
@@ -145,10 +146,10 @@ def test_queued_frames_run_with_the_next_step():
         out = model.forward_cached(*span(x, t, a, j), cache)  # a denoising step
         lo = max(0, j - keep)
         assert torch.allclose(out, model(*span(x, t, a, lo, j + 1))[:, -1:], atol=1e-5)
-        assert cache.pending == 0 and cache.offset == j
+        assert cache.pending == 0 and cache.offset == len(cache) == min(j, keep)
         model.queue(cache, *span(x, t, a, j))
         model.trim_cache(cache, keep)  # exact: the kept frames are queued again, nothing runs yet
-        assert len(cache) == min(j + 1, keep) and cache.offset == j + 1
+        assert len(cache) == min(j + 1, keep) and cache.offset == len(cache)
         assert cache.pending == (keep if j + 1 > keep else 1)
 
 
@@ -161,6 +162,53 @@ def test_streaming_trim_keeps_positions():
     model.trim_cache(cache, 2, exact=False)
     assert len(cache) == 2 and cache.offset == 6 and cache.x.shape[1] == 2
     assert model.forward_cached(*span(x, t, a, 6, 8), cache).shape == (B, 2, 4, 4, 6)
+
+
+def sliding_generation(model, x, t, a, runner=None):
+    """Frame by frame as WorldModel's chunk window runs it: 2 denoising passes a frame, queue, exact trims."""
+    cache, outs = model.new_cache(), []
+    model.queue(cache, *span(x, t, a, 0, 2))
+    for j in range(2, x.shape[1]):
+        for level in (999, t[0, j].item()):
+            out = model.forward_cached(
+                x[:, j : j + 1], torch.full_like(t[:, :1], level), a[:, j : j + 1], cache, runner=runner
+            )
+            outs.append(out)
+        model.queue(cache, *span(x, t, a, j))
+        if len(cache) >= model.max_frames:
+            model.trim_cache(cache, model.max_frames // 2)
+    return torch.cat(outs, 1)
+
+
+class EagerRunner(CUDAGraphRunner):
+    """The runner's bookkeeping without CUDA: a 'replay' re-runs the pass on the static inputs, as a graph would."""
+
+    def capture(self, x, t, a, cache):
+        inputs = tuple(v.clone() for v in (x, t, a))
+        out = self.model._run(*inputs, cache, commit=0)
+        return lambda: out.copy_(self.model._run(*inputs, cache, commit=0)), inputs, out
+
+
+@torch.no_grad()
+def test_graph_runner_replays_a_few_states():
+    """The runner keys each pass by cache state, copies inputs in and commits afterwards: same outputs, and
+    with exact trims (positions restart at 0) a long rollout needs only a handful of captured states."""
+    model = perturbed(max_frames=6)
+    x, t, a = inputs(t=40)
+    runner, short = EagerRunner(model), EagerRunner(model)
+    assert torch.allclose(sliding_generation(model, x, t, a, runner), sliding_generation(model, x, t, a), atol=1e-6)
+    sliding_generation(model, *span(x, t, a, 0, 12), short)
+    assert set(runner.graphs) == set(short.graphs)  # 76 passes or 20: the same 9 (batch, n, cached, position)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_graph_runner_equals_eager():
+    model = perturbed(max_frames=6).cuda()
+    x, t, a = (v.cuda() for v in inputs(t=20))
+    runner = CUDAGraphRunner(model)
+    assert torch.allclose(sliding_generation(model, x, t, a, runner), sliding_generation(model, x, t, a), atol=1e-4)
+    assert len(runner.graphs) == 9
 
 
 def test_bad_shapes_are_named():

@@ -218,6 +218,7 @@ def test_bad_inputs_get_one_line(ckpts, tmp_path):
         "not a readable image": with_(prompt=str(tmp_path / "bad.png")),
         "expected a 'dit' checkpoint": with_(ckpt=str(ckpts / "vae.pt")),
         "cannot find the VAE": with_(ckpt=str(lonely)),
+        "--cuda-graph needs a CUDA device": base + ["--cuda-graph", "--device", "cpu"],
     }
     for needle, args in cases.items():
         p = run(*args)

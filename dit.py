@@ -192,7 +192,8 @@ class CUDAGraphRunner:
                 self.model._run(*inputs, cache, commit=0)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: generate.py's decode thread may launch kernels while this thread captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self.model._run(*inputs, cache, commit=0)
         self.pool = graph.pool()
         return graph.replay, inputs, out

@@ -219,7 +219,8 @@ def bench_generate(cfg):
                 if graph:  # first check the replayed graphs against the eager engine, same seed
                     ref = generate.WorldModel(dit, vae, scale, cfg.device, steps=cfg.steps, window=window)
                     with autocast(cfg), torch.inference_mode():
-                        ref.reset(prompt), eng.reset(prompt)
+                        ref.reset(prompt)
+                        eng.reset(prompt)
                         diff = max(
                             (ref.step_latent(actions) - eng.step_latent(actions)).abs().max().item()
                             for _ in range(2 * dit.max_frames)

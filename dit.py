@@ -321,7 +321,7 @@ class DiT(nn.Module):
         return out[:, p:]
 
     def trim_cache(self, cache, keep, exact=True):
-        """Keep only the last `keep` frames (positions unchanged).
+        """Keep only the last `keep` frames (re-encoded from position 0, or dropped in place).
 
         exact=True queues the kept frames for re-encoding (the next forward_cached runs
         them), so continuing equals a full forward over the window; they restart at

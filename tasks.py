@@ -104,7 +104,8 @@ def vae_fingerprint(vae_ckpt_path):
     return h.hexdigest()[:16]
 
 
-def resolve_vae_path(path):
+def resolve_ckpt_path(path):
+    """A run dir means its ckpt.pt."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     return path
@@ -200,7 +201,7 @@ class VAETask:
         if cfg.init:  # GameNGen fine-tunes the decoder of a trained VAE the same way
             from uvit_vae import DECODER_CONFIGS, AutoencoderKL
 
-            ck = utils.load_checkpoint(resolve_vae_path(cfg.init), kind="vae")
+            ck = utils.load_checkpoint(resolve_ckpt_path(cfg.init), kind="vae")
             weights = ck["ema"]
             if cfg.decoder:  # a fresh (lighter) decoder: keep everything but decoder.*
                 if cfg.decoder not in DECODER_CONFIGS:
@@ -279,7 +280,7 @@ class DiTTask:
 
         if not cfg.vae:
             utils.die("train.py dit needs --vae (a VAE run dir or ckpt.pt from `train.py vae`)")
-        vae_path = resolve_vae_path(cfg.vae)
+        vae_path = resolve_ckpt_path(cfg.vae)
         if not os.path.isfile(vae_path):
             utils.die(f"--vae {cfg.vae}: no VAE checkpoint at {vae_path}")
         self.vae = load_vae(vae_path, device)
@@ -300,7 +301,7 @@ class DiTTask:
             input_h=h, input_w=w, in_channels=c, max_frames=cfg.seq_len, action_dim=utils.NUM_ACTIONS
         ).to(device)
         if cfg.init:  # fine-tune a trained DiT (its EMA weights) on the same VAE's latents
-            ck = utils.load_checkpoint(resolve_vae_path(cfg.init), kind="dit")
+            ck = utils.load_checkpoint(resolve_ckpt_path(cfg.init), kind="dit")
             if ck["config"]["model"] != json.loads(json.dumps(self.model.config)):
                 utils.die(f"--init {cfg.init}: model config {ck['config']['model']} differs from --model {cfg.model}")
             if ck["config"].get("vae_fingerprint") != vae_fingerprint(vae_path):

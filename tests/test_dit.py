@@ -181,12 +181,20 @@ def sliding_generation(model, x, t, a, runner=None):
 
 
 class EagerRunner(CUDAGraphRunner):
-    """The runner's bookkeeping without CUDA: a 'replay' re-runs the pass on the static inputs, as a graph would."""
+    """The runner's bookkeeping without CUDA: a 'replay' re-runs the pass on the static inputs, as a graph would,
+    and checks what a real graph would silently get wrong: the cache's buffers must not have moved."""
 
     def capture(self, x, t, a, cache):
         inputs = tuple(v.clone() for v in (x, t, a))
         out = self.model._run(*inputs, cache, commit=0)
-        return lambda: out.copy_(self.model._run(*inputs, cache, commit=0)), inputs, out
+        buffers = lambda: [(kv._k.data_ptr(), kv._v.data_ptr()) for kv in cache.layers]
+        captured = buffers()
+
+        def replay():
+            assert buffers() == captured, "the KV cache reallocated after capture"
+            out.copy_(self.model._run(*inputs, cache, commit=0))
+
+        return replay, inputs, out
 
 
 @torch.no_grad()

@@ -142,6 +142,7 @@ def load_checkpoint(path, kind=None):
 
 ACTION_NAMES = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
 NUM_ACTIONS = len(ACTION_NAMES)
+UP, DOWN = ACTION_NAMES.index("RIGHT"), ACTION_NAMES.index("LEFT")  # RIGHT moves the player's (right) paddle up
 ATARI_H, ATARI_W = 210, 160
 # Rows of the 210x160 screen that hold the play field (between the white walls).
 FIELD_TOP, FIELD_BOTTOM = 34, 194

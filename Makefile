@@ -74,8 +74,8 @@ train-gpu:
 
 # The GPU figures the README still lacks (one H100/H200): training MFU, generation frames/s.
 bench-gpu:
-	$(PY) bench.py --what train --device cuda --dtype bfloat16 --model S --frames 16 --train-batch 64
-	$(PY) bench.py --what train --device cuda --dtype bfloat16 --model XS --frames 16 --train-batch 64
+	$(PY) bench.py --what train --device cuda --dtype bfloat16 --model S --window 16 --train-batch 64
+	$(PY) bench.py --what train --device cuda --dtype bfloat16 --model XS --window 16 --train-batch 64
 	$(PY) bench.py --what generate --device cuda --steps 2 --gen-batches 1,64,256,1024
 
 clean:

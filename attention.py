@@ -27,9 +27,9 @@ class KVCache:
     that does not commit writes its keys into the free tail instead of concatenating.
     """
 
-    def __init__(self, capacity=16):
-        self._k = self._v = None  # (B*H*W, heads, capacity, head_dim)
-        self.capacity = capacity  # frames of the first buffer: a window that fits never reallocates
+    def __init__(self, window=16):
+        self._k = self._v = None  # (B*H*W, heads, buffer frames, head_dim)
+        self.window = window  # frames of the first buffer: a sliding window that fits never reallocates
         self.length = 0  # frames held
         self.offset = 0  # absolute position of the next frame
 
@@ -51,7 +51,7 @@ class KVCache:
         if self.length and k.shape[:2] != self._k.shape[:2]:
             raise ValueError(f"KVCache holds {tuple(self._k.shape[:2])} (B*H*W, heads), got {tuple(k.shape[:2])}")
         if self._k is None or end > self._k.shape[2] or k.shape[:2] != self._k.shape[:2]:
-            cap = max(end, self.capacity) if self._k is None else max(end, 2 * self._k.shape[2])
+            cap = max(end, self.window) if self._k is None else max(end, 2 * self._k.shape[2])
             new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
             new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
             if self.length:

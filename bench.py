@@ -11,7 +11,7 @@ cached frames versus the naive full-window forward, plus the per-frame cost of
 committing a finished frame and trimming the cache.
 --what vae: encode and decode time of one 96x96 frame for every config in VAE_CONFIGS (+ DECODER_CONFIGS).
 --what generate: end-to-end generation frames/s (DiT + VAE decode, uint8 frames out) of
-generate.WorldModel in steady state (window full): the naive sampler that re-runs the whole
+engine.WorldModel in steady state (window full): the naive sampler that re-runs the whole
 window at every denoising step (Oasis's loop) against the KV-cached one, same run, with ratios;
 the last row also decodes on a second thread (step_pipelined), as generate.py and play.py do.
     python bench.py --what generate                       # the bundled model, batch 1 and 8
@@ -28,7 +28,7 @@ import time
 import torch
 
 from dit import DEFAULT_MODEL, DiT_models
-from utils import arg, die, parse_config, seed_everything
+from utils import arg, parse_config, pick_device, seed_everything
 from uvit_vae import DECODER_CONFIGS, VAE_CONFIGS, build_vae
 
 
@@ -41,9 +41,8 @@ class BenchConfig:
     gen_batches: str = arg("1,8", "generate: comma-separated batch sizes")
     train_batch: int = arg(16, "train: windows per step")
     model: str = arg(DEFAULT_MODEL, "DiT size from dit.DiT_models", choices=sorted(DiT_models))
-    frames: int = arg(16, "frames per window T for the full forward")
+    window: int = arg(16, "frames per window T (the DiT's window; the cached step sees window - 1 frames)")
     batches: str = arg("1,32", "comma-separated batch sizes for the full forward")
-    context: int = arg(15, "cached frames in front of the single new frame")
     warmup: int = arg(2, "untimed calls before timing")
     repeats: int = arg(5, "timed calls; the median is reported")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
@@ -52,7 +51,7 @@ class BenchConfig:
     seed: int = arg(0, "random seed for weights and inputs")
 
 
-PRESETS = {"tiny": dict(model="tiny", frames=4, batches="1,2", context=3, warmup=1, repeats=2)}
+PRESETS = {"tiny": dict(model="tiny", window=4, batches="1,2", warmup=1, repeats=2)}
 
 
 def timeit(fn, cfg):
@@ -85,7 +84,7 @@ def random_inputs(model, b, t, device):
 
 def bench_forward(cfg):
     """DiT forward throughput, and the cached single-frame step against the full-window forward."""
-    model = DiT_models[cfg.model]().to(cfg.device).eval()
+    model = DiT_models[cfg.model](window=cfg.window).to(cfg.device).eval()
     tokens_per_frame = model.grid_h * model.grid_w
     n_params = sum(p.numel() for p in model.parameters())
     print(f"DiT-{cfg.model}: {n_params / 1e6:.2f}M params, {tokens_per_frame} tokens/frame, device {cfg.device}")
@@ -93,29 +92,29 @@ def bench_forward(cfg):
     results = {}
     with torch.inference_mode(), autocast(cfg):
         for b in [int(s) for s in cfg.batches.split(",")]:
-            x, t, a = random_inputs(model, b, cfg.frames, cfg.device)
+            x, t, a = random_inputs(model, b, cfg.window, cfg.device)
             sec = timeit(lambda x=x, t=t, a=a: model(x, t, a), cfg)
-            fps = b * cfg.frames / sec
+            fps = b * cfg.window / sec
             results[f"forward_b{b}"] = sec
             print(
-                f"full forward  B={b:<3} T={cfg.frames}: {sec * 1e3:9.1f} ms  "
+                f"full forward  B={b:<3} T={cfg.window}: {sec * 1e3:9.1f} ms  "
                 f"{fps * tokens_per_frame:10.0f} tokens/s  {fps:8.1f} frames/s"
             )
 
-        # generation step: one new frame against `context` cached frames, batch 1
-        n = cfg.context
+        # generation step: one new frame against window - 1 cached frames, batch 1
+        n = cfg.window - 1
         x, t, a = random_inputs(model, 1, n + 1, cfg.device)
         cache = model.new_cache()
-        model.forward_cached(x[:, :n], t[:, :n], a[:, :n], cache, commit=True)
+        model.forward_cached(x[:, :n], t[:, :n], a[:, :n], cache, keep=True)
         step = timeit(lambda: model.forward_cached(x[:, n:], t[:, n:], a[:, n:], cache), cfg)
         naive = timeit(lambda: model(x, t, a), cfg)
         results.update(cached_step=step, window_forward=naive)
         print(f"cached step   B=1 n=1 after {n} frames: {step * 1e3:9.2f} ms")
         print(f"naive window  B=1 T={n + 1}:            {naive * 1e3:9.2f} ms   ({naive / step:.1f}x the cached step)")
 
-        # once per generated frame: commit it, then trim the window back to `context` frames
+        # once per generated frame: commit it, then trim the window back to n frames
         def commit_and_trim(exact):
-            model.forward_cached(x[:, n:], t[:, n:], a[:, n:], cache, commit=True)
+            model.forward_cached(x[:, n:], t[:, n:], a[:, n:], cache, keep=True)
             model.trim_cache(cache, n, exact=exact)
 
         for exact in (False, True):
@@ -135,7 +134,7 @@ def bench_vae(cfg):
         variants += [(f"pong_cpu+{d}", {"decoder": DECODER_CONFIGS[d]}) for d in DECODER_CONFIGS]
         for name, kw in variants:
             vae = build_vae(name.split("+")[0], **kw).to(cfg.device).eval()
-            vae = vae.to(memory_format=torch.channels_last)  # as generate.load_vae runs it
+            vae = vae.to(memory_format=torch.channels_last)  # as engine.load_vae runs it
             x = torch.rand(1, 3, 96, 96, device=cfg.device) * 2 - 1
             z = torch.randn(1, 4, 12, 12, device=cfg.device)
             enc = timeit(functools.partial(vae.encode, x), cfg)
@@ -150,14 +149,14 @@ def load_engine_parts(cfg):
     """(dit, vae, latent_scale, name) from --ckpt, the bundled checkpoint, or random weights."""
     import os
 
-    import generate
+    import engine
 
-    path = cfg.ckpt or (generate.DEFAULT_CKPT if os.path.isfile(generate.DEFAULT_CKPT) else "")
+    path = cfg.ckpt or (engine.DEFAULT_CKPT if os.path.isfile(engine.DEFAULT_CKPT) else "")
     if path:
-        dit, config = generate.load_dit(path, cfg.device)
-        vae = generate.load_vae(generate.find_vae(path, config), cfg.device)
+        dit, config = engine.load_dit(path, cfg.device)
+        vae = engine.load_vae(engine.find_vae(path, config), cfg.device)
         return dit, vae, config["latent_scale"], path
-    dit = DiT_models[cfg.model](max_frames=cfg.frames).to(cfg.device).eval()
+    dit = DiT_models[cfg.model](window=cfg.window).to(cfg.device).eval()
     return dit, build_vae("pong_cpu").to(cfg.device).eval(), 1.0, f"random DiT-{cfg.model} + pong_cpu VAE"
 
 
@@ -181,16 +180,16 @@ def bench_generate(cfg):
     """Generation frames/s, end to end: naive window re-run vs KV cache (exact, chunk, stream windows)."""
     import numpy as np
 
-    import generate
+    import engine
 
     dit, vae, scale, name = load_engine_parts(cfg)
-    size = dit.input_h * 8
+    size = dit.input_h * vae.downsample_factor
     print(
-        f"model: {name}; {dit.max_frames}-frame window, {cfg.steps} DDIM steps, {size}x{size} frames, "
+        f"model: {name}; {dit.window}-frame window, {cfg.steps} DDIM steps, {size}x{size} frames, "
         f"device {cfg.device}, threads {torch.get_num_threads()}, dtype {cfg.dtype}"
     )
-    # (label, cached, window, pipelined): the pipelined one decodes frame k on a second thread while the
-    # DiT makes frame k+1, each stage with half the threads (generate.set_threads), as generate.py and play.py run
+    # (label, cached, slide, pipelined): the pipelined one decodes frame k on a second thread while the
+    # DiT makes frame k+1, each stage with half the threads (engine.set_threads), as generate.py and play.py run
     variants = [
         ("naive", False, "exact", False),
         ("cached exact", True, "exact", False),
@@ -206,36 +205,38 @@ def bench_generate(cfg):
     for b in [int(x) for x in cfg.gen_batches.split(",")]:
         prompt = np.zeros((b, 1, size, size, 3), np.uint8)
         actions = torch.randint(0, 6, (b,), device=cfg.device)
-        for label, cached, window, pipelined in variants:
+        for label, cached, slide, pipelined in variants:
             torch.set_num_threads(threads)
             if pipelined:
-                generate.set_threads(0, cfg.device)
+                engine.set_threads(0, cfg.device)
             graph = label.endswith("graph")
-            eng = generate.WorldModel(
-                dit, vae, scale, cfg.device, steps=cfg.steps, cached=cached, window=window, cuda_graph=graph
-            )
+            kind = engine.WorldModel if cached else engine.NaiveWorldModel
+            eng = kind(dit, vae, scale, cfg.device, steps=cfg.steps, slide=slide, cuda_graph=graph)
             step = eng.step_pipelined if pipelined else eng.step
             try:
                 if graph:  # first check the replayed graphs against the eager engine, same seed
-                    ref = generate.WorldModel(dit, vae, scale, cfg.device, steps=cfg.steps, window=window)
+                    ref = engine.WorldModel(dit, vae, scale, cfg.device, steps=cfg.steps, slide=slide)
                     with autocast(cfg), torch.inference_mode():
                         ref.reset(prompt)
                         eng.reset(prompt)
                         diff = max(
                             (ref.step_latent(actions) - eng.step_latent(actions)).abs().max().item()
-                            for _ in range(2 * dit.max_frames)
+                            for _ in range(2 * dit.window)
                         )
                     print(f"batch {b:<5} {label:<15} max latent difference to eager: {diff:.2e}")
-                fps = time_engine(eng, step, prompt, actions, dit.max_frames, cfg, sync)
+                fps = time_engine(eng, step, prompt, actions, dit.window, cfg, sync)
             except RuntimeError as e:  # the graph path has not run on a GPU yet: report, go on with the rest
                 if not graph:
                     raise
                 print(f"batch {b:<5} {label:<15} failed: {str(e).splitlines()[0][:200]}")
                 continue
-            results[(b, label)] = b * fps
-            ratio = fps / results[(b, "naive")]
+            results[(b, label)] = b * fps  # frames/s in total, all b streams
+            ratio = results[(b, label)] / results[(b, "naive")]
             how = f"{torch.get_num_threads()}+{torch.get_num_threads()}" if pipelined else f"{threads}"
-            print(f"batch {b:<5} {label:<15} {fps:9.1f} frames/s  ({ratio:4.1f}x naive)  threads {how}")
+            print(
+                f"batch {b:<5} {label:<15} {b * fps:10.1f} frames/s in total ({fps:7.1f} per stream, "
+                f"{ratio:4.1f}x naive)  threads {how}"
+            )
     torch.set_num_threads(threads)
     return results
 
@@ -244,9 +245,9 @@ def bench_train(cfg):
     """Training throughput of the DiT: forward + backward + AdamW on random latents."""
     from dit import flops_per_frame
 
-    model = DiT_models[cfg.model](max_frames=cfg.frames).to(cfg.device)
+    model = DiT_models[cfg.model](window=cfg.window).to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cfg.device.startswith("cuda"))
-    x, t, a = random_inputs(model, cfg.train_batch, cfg.frames, cfg.device)
+    x, t, a = random_inputs(model, cfg.train_batch, cfg.window, cfg.device)
 
     def step():
         with autocast(cfg):
@@ -257,9 +258,9 @@ def bench_train(cfg):
 
     sec = timeit(step, cfg)
     samples = cfg.train_batch / sec
-    tokens = samples * cfg.frames * model.grid_h * model.grid_w
-    flops = 3 * flops_per_frame(model) * cfg.frames * samples
-    line = f"DiT-{cfg.model} train, batch {cfg.train_batch}x{cfg.frames} frames: {sec * 1e3:.1f} ms/step, "
+    tokens = samples * cfg.window * model.grid_h * model.grid_w
+    flops = 3 * flops_per_frame(model) * cfg.window * samples
+    line = f"DiT-{cfg.model} train, batch {cfg.train_batch}x{cfg.window} frames: {sec * 1e3:.1f} ms/step, "
     line += f"{samples:.1f} samples/s, {tokens:,.0f} tokens/s, {flops / 1e12:.2f} TFLOP/s"
     if cfg.device.startswith("cuda"):
         line += f", MFU {flops / 989e12:.1%} of H100/H200 dense bf16"
@@ -271,8 +272,7 @@ BENCHES = {"forward": bench_forward, "vae": bench_vae, "generate": bench_generat
 
 
 def main(cfg):
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        die("--device cuda but torch sees no GPU")
+    cfg.device = str(pick_device(cfg.device))
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)

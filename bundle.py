@@ -63,16 +63,17 @@ def main(cfg):
         write_samples(cfg)
         if not os.path.exists(cfg.dit):
             return
-    from generate import find_vae
+    from engine import find_vae
 
-    dit_path = os.path.join(cfg.dit, "ckpt.pt") if os.path.isdir(cfg.dit) else cfg.dit
+    dit_path = utils.resolve_ckpt_path(cfg.dit)
     dit = utils.load_checkpoint(dit_path, kind="dit")
     vae_path = find_vae(dit_path, dit["config"], cfg.vae)
     vae = utils.load_checkpoint(vae_path, kind="vae")
     out_vae, out_dit = os.path.join(cfg.out, "pong_vae.pt"), os.path.join(cfg.out, "pong_dit.pt")
     utils.atomic_torch_save(slim(vae), out_vae)
     small = slim(dit)
-    small["config"] = {**small["config"], "vae_path": "pong_vae.pt"}
+    # the bundled pair: the DiT fine-tunes (train.py dit --init) on the bundled VAE's latents
+    small["config"] = {**small["config"], "vae_path": "pong_vae.pt", "vae_fingerprint": utils.file_fingerprint(out_vae)}
     utils.atomic_torch_save(small, out_dit)
     for p in (out_vae, out_dit):
         print(f"wrote {p}: {os.path.getsize(p) / 1e6:.2f} MB")

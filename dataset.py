@@ -8,13 +8,19 @@ A recording directory (made by generate_dataset.py) holds episode_00000.npz, epi
     rewards (N,) float32         reward of the step that produced frames[k]; rewards[0] = 0
     dones   (N,) bool            True only at k = N-1
     t_index (N,) int64           t_index[k] = k
-An item is a window of seq_len consecutive frames of one episode (stride 1, never across episodes).
+An item is a window of `window` consecutive frames of one episode (stride 1, never across episodes),
+and what the DiT is conditioned on: at frame j, the action that led to it (actions[j-1]; zeros at
+j = 0 of a window, where it is unknown).
 
-Episodes are decompressed once, at construction, and kept in memory as uint8
-(about 27.6 kB a frame at 96x96); only the conversion to float happens per item.
+PongDataset holds every frame of its episodes, decompressed once, in one uint8 tensor (about
+27.6 kB a frame at 96x96) on any device; or, for the DiT, the VAE latents of those frames from
+the latent cache (<episode dir>/latents/<VAE fingerprint>/episode_*.npy, built once by
+build_latent_cache). train.py samples batches of windows straight from it on the GPU
+(`sample`); a DataLoader can read single items (`ds[i]`).
 
-    python dataset.py data/pong --seq-len 8           # summary of the splits
+    python dataset.py data/pong --window 8            # summary of the splits
     python dataset.py data/pong --bench               # items/s, single items and a DataLoader
+    python dataset.py data/pong --vae runs/vae        # the same, serving that VAE's cached latents
 """
 
 import dataclasses
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from utils import NUM_ACTIONS, arg, die, parse_config
+from utils import NUM_ACTIONS, arg, atomic_save_npy, die, file_fingerprint, parse_config, resolve_ckpt_path
 
 EPISODE_KEYS = ("frames", "actions", "rewards", "dones", "t_index")
 
@@ -115,90 +121,156 @@ def split_episodes(files, val_fraction=0.1):
     return [f for f in files if f not in val], [f for f in files if f in val]
 
 
+def list_split(data, val_fraction=0.1, max_episodes=0):
+    """Comma-separated recording dirs -> (train files, val files, frame size); each dir is split on its own.
+
+    max_episodes > 0 keeps the first that many episodes of each dir. Errors are ValueErrors naming the dir.
+    """
+    train, val, sizes = [], [], set()
+    for d in data.split(","):
+        try:
+            files = list_episodes(d)
+            sizes.add(read_meta(d)["frame_size"])
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"--data {d}: {e}") from None
+        tr, va = split_episodes(files[:max_episodes] if max_episodes > 0 else files, val_fraction)
+        train, val = train + tr, val + va
+    if len(sizes) > 1:
+        raise ValueError(f"--data {data}: the directories were recorded at different frame sizes {sorted(sizes)}")
+    return train, val, sizes.pop()
+
+
+def to_float_frames(x):
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1]."""
+    return x.movedim(-1, -3).float().div(127.5).sub(1.0)
+
+
+def prev_actions(actions, num_actions=NUM_ACTIONS):
+    """What the DiT sees at frame j: recorded actions (B, T) -> one-hot of actions[j-1] (B, T, A).
+
+    The recorder's actions[k] is taken after frame k and leads to frame k+1. The first frame
+    of a window gets zeros: "unknown", as for the first prompt frame when generating.
+    """
+    onehot = F.one_hot(actions, num_actions).float()  # (B, T, A)
+    return torch.cat((torch.zeros_like(onehot[:, :1]), onehot[:, :-1]), dim=1)
+
+
+class PongDataset(Dataset):
+    """Windows of `window` consecutive frames (or VAE latents) of recorded episodes, held on one device.
+
+    files: episode paths (see list_split). latents: a VAE fingerprint (build_latent_cache): serve
+    its cached latents times `scale` instead of frames, which are then not decompressed.
+    ds.sample(B, gen) / ds.batch(idx) -> dict of batched tensors on the device:
+        frames (B, T, 3, H, W) float32 in [-1, 1]  or  latents (B, T, c, h, w) float32
+        actions (B, T) int64                       actions[:, k] is taken after frame k
+        prev_actions (B, T, 6) float32             what the DiT sees at frame j: one-hot actions[:, j-1]
+    ds[i] gives one window with the same keys plus t_index (T,) and episode (its number).
+    ds.data holds the stored frames, uint8 (N, H, W, 3), or latents (N, c, h, w), all episodes end to end.
+    """
+
+    def __init__(self, files, window, latents="", scale=1.0, device="cpu"):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if not files:
+            raise ValueError("no episode files")
+        self.files, self.window, self.latents, self.device = list(files), window, latents, torch.device(device)
+        data, actions, self.episodes, starts, off = [], [], [], [], 0
+        for i, path in enumerate(self.files):
+            ep = load_episode(path, frames=not latents)
+            n = len(ep["actions"])
+            data.append(ep["frames"] if not latents else _load_latents(path, latents, n) * np.float32(scale))
+            actions.append(ep["actions"])
+            self.episodes.append(_episode_number(path, i))
+            starts.extend(range(off, off + n - window + 1))
+            off += n
+        self.lengths = np.array([len(a) for a in actions])
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # frame index of each episode's start
+        self.data = torch.from_numpy(np.concatenate(data)).to(self.device)
+        self.actions = torch.from_numpy(np.concatenate(actions).astype(np.int64)).to(self.device)
+        self.starts = torch.tensor(starts, dtype=torch.long, device=self.device)  # first frame of each window
+
+    def __len__(self):
+        return len(self.starts)
+
+    def batch(self, idx):
+        """Window indices (B,) -> the batch dict (see the class docstring)."""
+        pos = self.starts[idx][:, None] + torch.arange(self.window, device=self.device)  # (B, T) frame indices
+        x, actions = self.data[pos], self.actions[pos]
+        out = {"latents": x} if self.latents else {"frames": to_float_frames(x)}
+        return out | {"actions": actions, "prev_actions": prev_actions(actions)}
+
+    def sample(self, batch_size, gen):
+        """A batch of windows drawn uniformly with replacement, by a CPU generator."""
+        idx = torch.randint(len(self.starts), (batch_size,), generator=gen, device="cpu")
+        return self.batch(idx.to(self.device))
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        item = {k: v[0] for k, v in self.batch(torch.tensor([i], device=self.device)).items()}
+        start = int(self.starts[i])
+        e = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        item["t_index"] = torch.arange(start - self.offsets[e], start - self.offsets[e] + self.window)
+        return item | {"episode": self.episodes[e]}
+
+
 def _episode_number(path, fallback):
     stem = os.path.splitext(os.path.basename(path))[0]
     tail = stem.rsplit("_", 1)[-1]
     return int(tail) if tail.isdigit() else fallback
 
 
-class PongDataset(Dataset):
-    """Windows of seq_len consecutive frames (or VAE latents) of recorded Pong episodes.
+# -----------------------------------------------------------------------------
+# the latent cache: each episode encoded once by a VAE
 
-    Item: frames (T, 3, H, W) float32 in [-1, 1] (or latents (T, c, h, w) float32 when latent_dir
-    is given: read from latent_dir/<episode stem>.npy, stored float16 (N, c, h, w); frames are then
-    not loaded), actions (T,) int64, actions_onehot (T, 6) float32, t_index (T,) int64, episode int.
-    actions[k] is the action taken at frame k; it leads to frame k+1, so the last action of a
-    window leads outside it. split: "train", "val" (see split_episodes) or "all".
+
+def latent_path(episode_file, fingerprint):
+    stem = os.path.splitext(os.path.basename(episode_file))[0]
+    return os.path.join(os.path.dirname(episode_file), "latents", fingerprint, stem + ".npy")
+
+
+def _load_latents(path, fingerprint, n):
+    lpath = latent_path(path, fingerprint)
+    if not os.path.isfile(lpath):
+        raise FileNotFoundError(f"latent file not found: {lpath} (for {path}; build_latent_cache writes it)")
+    try:
+        lat = np.load(lpath, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{lpath}: not a readable .npy file ({type(e).__name__}: {e})") from None
+    if lat.ndim != 4 or len(lat) != n or not np.issubdtype(lat.dtype, np.floating):
+        raise ValueError(f"{lpath}: latents {lat.dtype}{lat.shape}, expected float16 ({n}, c, h, w)")
+    return lat.astype(np.float32)
+
+
+@torch.no_grad()
+def build_latent_cache(files, fingerprint, encode, master=True, chunk=256):
+    """Encode every episode missing from the cache once: encode(uint8 (n, H, W, 3)) -> latents (n, c, h, w).
+
+    The fingerprint names the VAE (utils.file_fingerprint of its checkpoint), so a new VAE gets a new
+    cache; the recorder refuses to mix frame sizes in one directory, so a cache never goes stale.
+    Each file is written atomically (a killed run keeps what was finished). Under DDP rank 0 writes.
     """
+    todo = [f for f in files if not os.path.isfile(latent_path(f, fingerprint))]
+    if master and todo:
+        from tqdm import tqdm
 
-    def __init__(self, root, seq_len, split="train", val_fraction=0.1, latent_dir=None):
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        if split not in ("train", "val", "all"):
-            raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
-        files = list_episodes(root)
-        train, val = split_episodes(files, val_fraction)
-        self.files = {"train": train, "val": val, "all": files}[split]
-        self.seq_len, self.latent_dir = seq_len, latent_dir
-        self.data, self.actions, self.t_index, self.episodes = [], [], [], []
-        for i, path in enumerate(self.files):
-            ep = load_episode(path, frames=latent_dir is None)
-            n = len(ep["actions"])
-            if latent_dir is None:
-                self.data.append(ep["frames"])  # (N, H, W, 3) uint8
-            else:
-                self.data.append(self._load_latents(path, n))  # (N, c, h, w) float16
-            self.actions.append(torch.from_numpy(ep["actions"].astype(np.int64)))
-            self.t_index.append(torch.from_numpy(ep["t_index"].astype(np.int64)))
-            self.episodes.append(_episode_number(path, i))
-        windows = [max(0, len(a) - seq_len + 1) for a in self.actions]
-        self.offsets = np.concatenate([[0], np.cumsum(windows)]).astype(np.int64)  # item i -> episode
+        for f in tqdm(todo, desc="encoding the latent cache", unit="episode"):
+            frames = load_episode(f)["frames"]
+            lat = [torch.as_tensor(encode(c)).half().cpu() for c in np.split(frames, range(chunk, len(frames), chunk))]
+            atomic_save_npy(latent_path(f, fingerprint), torch.cat(lat).numpy())
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
-    def _load_latents(self, path, n):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        lpath = os.path.join(self.latent_dir, stem + ".npy")
-        if not os.path.isfile(lpath):
-            raise FileNotFoundError(f"latent file not found: {lpath} (for {path})")
-        try:
-            lat = np.load(lpath, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise ValueError(f"{lpath}: not a readable .npy file ({type(e).__name__}: {e})") from None
-        if lat.ndim != 4 or len(lat) != n or not np.issubdtype(lat.dtype, np.floating):
-            raise ValueError(f"{lpath}: latents {lat.dtype}{lat.shape}, expected float16 ({n}, c, h, w)")
-        return lat
 
-    def __len__(self):
-        return int(self.offsets[-1])
-
-    def __getitem__(self, i):
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        e = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        s = slice(i - int(self.offsets[e]), i - int(self.offsets[e]) + self.seq_len)
-        actions = self.actions[e][s]
-        item = {
-            "actions": actions,
-            "actions_onehot": F.one_hot(actions, NUM_ACTIONS).float(),
-            "t_index": self.t_index[e][s],
-            "episode": self.episodes[e],
-        }
-        # numpy, not torch: on a busy 2-core machine torch's two intra-op threads made this 100x slower
-        if self.latent_dir is None:
-            x = np.ascontiguousarray(self.data[e][s].transpose(0, 3, 1, 2), dtype=np.float32)  # (T, 3, H, W)
-            x /= 127.5
-            x -= 1.0
-            item["frames"] = torch.from_numpy(x)
-        else:
-            item["latents"] = torch.from_numpy(self.data[e][s].astype(np.float32))  # (T, c, h, w)
-        return item
+# -----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Config:
-    seq_len: int = arg(8, "frames per item")
+    window: int = arg(8, "frames per item")
     split: str = arg("all", "which episodes", choices=["train", "val", "all"])
     val_fraction: float = arg(0.1, "fraction of episodes held out for validation")
-    latent_dir: str = arg("", "serve latents from this directory instead of frames")
+    vae: str = arg("", "serve the latents this VAE (run dir or ckpt.pt) cached, instead of frames")
     bench: bool = arg(False, "measure items/s instead of printing a summary")
     items: int = arg(2000, "items read per benchmark")
     batch_size: int = arg(32, "DataLoader batch size in the benchmark")
@@ -210,20 +282,20 @@ class Config:
 def main(root, cfg):
     t0 = time.perf_counter()
     try:
-        ds = PongDataset(root, cfg.seq_len, cfg.split, cfg.val_fraction, cfg.latent_dir or None)
-        train, val = split_episodes(list_episodes(root), cfg.val_fraction)
+        train, val, _ = list_split(root, cfg.val_fraction)
+        fp = file_fingerprint(resolve_ckpt_path(cfg.vae)) if cfg.vae else ""
+        ds = PongDataset({"train": train, "val": val, "all": sorted(train + val)}[cfg.split], cfg.window, fp)
     except (FileNotFoundError, ValueError) as e:
         die(str(e))
     load_s = time.perf_counter() - t0
-    frames = sum(len(a) for a in ds.actions)
     print(
         f"{root}: {len(train)} train + {len(val)} val episodes; split {cfg.split!r}: {len(ds.files)} episodes, "
-        f"{frames} frames, {len(ds)} windows of {cfg.seq_len} (loaded in {load_s:.2f}s)"
+        f"{len(ds.data)} frames, {len(ds)} windows of {cfg.window} (loaded in {load_s:.2f}s)"
     )
     if not cfg.bench:
         return
     if len(ds) == 0:
-        die(f"no windows of {cfg.seq_len} frames in split {cfg.split!r} of {root}")
+        die(f"no windows of {cfg.window} frames in split {cfg.split!r} of {root}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -239,10 +311,15 @@ def main(root, cfg):
         if n >= cfg.items:
             break
     batched = n / (time.perf_counter() - t0)
-    key = "latents" if cfg.latent_dir else "frames"
+    n, t0 = 0, time.perf_counter()
+    while n < cfg.items:
+        n += len(ds.sample(cfg.batch_size, g)["actions"])
+    sampled = n / (time.perf_counter() - t0)
+    key = "latents" if cfg.vae else "frames"
     print(
         f"{key} {tuple(ds[0][key].shape)}: {single:.0f} items/s single (random order), "
         f"{batched:.0f} items/s DataLoader(batch_size={cfg.batch_size}, num_workers={cfg.num_workers}), "
+        f"{sampled:.0f} items/s ds.sample({cfg.batch_size}) (as train.py reads them), "
         f"torch threads {torch.get_num_threads()}"
     )
 

@@ -16,7 +16,7 @@ Generation runs incrementally against a cache of temporal keys/values:
     model.queue(cache, context, t_ctx, a_ctx)                           # once
     for step: v = model.forward_cached(x_new, t_step, a_new, cache)    # (B, 1, C, H, W)
     model.queue(cache, x_done, t_ctx_1, a_new)                          # once per frame
-    model.trim_cache(cache, model.max_frames - 1)                       # sliding window
+    model.trim_cache(cache, model.window - 1)                       # sliding window
 
 Queued frames are encoded by the next forward_cached, in the same pass as the new
 frame (causal attention makes that exact), so a generated frame costs one pass
@@ -130,16 +130,13 @@ class DiTCache:
     (the next forward_cached does it). Keeping the inputs lets a trim re-encode exactly.
     """
 
-    def __init__(self, depth, capacity=16):
-        self.layers = [KVCache(capacity) for _ in range(depth)]
+    def __init__(self, depth, window=16):
+        self.layers = [KVCache(window) for _ in range(depth)]
         self.x = self.t = self.a = None  # frames held (B, Tc, ...), as given to queue/forward_cached
         self.pending = 0
 
     def __len__(self):
         return 0 if self.x is None else self.x.shape[1]
-
-    def __getitem__(self, i):
-        return self.layers[i]
 
     @property
     def offset(self):
@@ -213,7 +210,7 @@ class DiT(nn.Module):
         num_heads=4,
         mlp_ratio=4.0,
         action_dim=6,
-        max_frames=16,
+        window=16,
         rope_theta=10000.0,
     ):
         super().__init__()
@@ -229,7 +226,7 @@ class DiT(nn.Module):
             num_heads=num_heads,
             mlp_ratio=mlp_ratio,
             action_dim=action_dim,
-            max_frames=max_frames,
+            window=window,
             rope_theta=rope_theta,
         )
         for k, v in self.config.items():
@@ -293,7 +290,7 @@ class DiT(nn.Module):
 
     def new_cache(self):
         """An empty generation cache: one KVCache per block, sized for the window (no reallocation)."""
-        return DiTCache(self.depth, capacity=max(16, self.max_frames))
+        return DiTCache(self.depth, window=max(16, self.window))
 
     def queue(self, cache, x, t, a):
         """Add n frames after the cached ones without running the model; the next forward_cached encodes them."""
@@ -301,11 +298,11 @@ class DiT(nn.Module):
         cache.add(x, t, a)
         cache.pending += x.shape[1]
 
-    def forward_cached(self, x_new, t_new, a_new, cache, commit=False, runner=None):
+    def forward_cached(self, x_new, t_new, a_new, cache, keep=False, runner=None):
         """Outputs (B, n, C, H, W) for n new frames that directly follow the cached ones.
 
         Queued frames run in the same pass, ahead of the new ones, and are committed.
-        commit=True also appends the new frames' keys/values (and inputs) to the cache.
+        keep=True also commits the new frames: their keys/values (and inputs) join the cache.
         runner: what runs the pass (default self._run; a CUDAGraphRunner replays it).
         Call it under torch.inference_mode(): the cache is written in place.
         """
@@ -314,9 +311,9 @@ class DiT(nn.Module):
             x_new, t_new, a_new = (
                 torch.cat((q[:, -p:], v), dim=1) for q, v in zip((cache.x, cache.t, cache.a), (x_new, t_new, a_new))
             )
-        out = (runner or self._run)(x_new, t_new, a_new, cache, commit=p + n if commit else p)
+        out = (runner or self._run)(x_new, t_new, a_new, cache, commit=p + n if keep else p)
         cache.pending = 0
-        if commit:  # keep the inputs too, so trim_cache can re-encode a window exactly
+        if keep:  # the inputs too, so trim_cache can re-encode a window exactly
             cache.add(x_new[:, p:], t_new[:, p:], a_new[:, p:])
         return out[:, p:]
 
@@ -346,12 +343,12 @@ class DiT(nn.Module):
 def flops_per_frame(model, context=None):
     """Analytic forward FLOPs (2 per multiply-add) for one frame, with `context` frames of temporal keys.
 
-    context defaults to model.max_frames (a full window; the cached single-frame step
+    context defaults to model.window (a full window; the cached single-frame step
     costs the same). Counts every matmul and both attention products; norms, activations
     and RoPE are left out.
     """
     D, N, p, C = model.hidden_size, model.grid_h * model.grid_w, model.patch_size, model.in_channels
-    T = model.max_frames if context is None else context
+    T = model.window if context is None else context
     hidden = int(D * model.mlp_ratio)
     mac = N * p * p * C * D  # patch embedding
     mac += 256 * D + D * D + model.action_dim * D  # timestep MLP + action embedding

@@ -17,15 +17,7 @@ prompted with the real frames s-P+1..s and the actions between them; step k = 1.
 actions[s+k-1], and its frame is compared with real frame s+k. Teacher forcing is the same
 with P = --context and H = 1.
 
-Score changes are found the same way in real and generated frames, without the recorded
-rewards. "score_events": a point at frame k when the ball was seen at k-1 within 15% of the
-width from the left or right edge and is gone at k, k+1 and k+2 (after a point the real game
-hides the ball for ~15 frames), scored by the player if it left on the left. "score_digits":
-the score digits (the rows above the top wall) change between k-1 and k and then stay put
-for 2 frames; the half that changed says who scored. A generated event matches a real one
-with the same scorer within +-2 frames (one-to-one); precision = matched / generated events,
-recall = matched / real events, over all rollouts. On recorded episodes both detectors find
-every recorded reward within +-2 frames and nothing else but the reset frame (tests/test_evaluate.py).
+Score events and the other per-frame metrics are defined in metrics.py.
 """
 
 import dataclasses
@@ -38,18 +30,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import generate
+import engine as engines
 import utils
-from utils import arg
+from metrics import next_frame_block, rollout_block, share
+from utils import DOWN, UP, arg
 
 
 @dataclass
-class EvalConfig(generate.ModelConfig):
+class EvalConfig(engines.ModelConfig):
     data: str = arg("data/pong_heldout", "held-out recorded episodes (a seed and epsilon never used for training)")
     out: str = arg("runs/eval", "output directory: metrics.json, metrics.png")
-    context: int = arg(0, "real context frames for teacher forcing and controllability; 0 = the model's max_frames-1")
+    context: int = arg(0, "real context frames for teacher forcing and controllability; 0 = the model's window - 1")
     prompt: int = arg(0, "real prompt frames before each autoregressive rollout; 0 = --context")
     rollouts: int = arg(64, "autoregressive rollouts, start points spread evenly over the held-out episodes")
     horizon: int = arg(64, "frames generated per rollout")
@@ -68,8 +60,6 @@ class EvalConfig(generate.ModelConfig):
 DESCRIPTION = __doc__.splitlines()[0] + " (--quick is short for --preset quick)"
 QUICK = dict(rollouts=4, horizon=8, horizons="1,4,8", tf_frames=8, vae_frames=16, control_frames=4, speed_frames=4)
 PRESETS = {"quick": {**QUICK, "batch": 4}}
-UP, DOWN = 2, 3  # RIGHT moves the player's (right, green) paddle up, LEFT down
-EDGE, GONE, TOL = 0.15, 3, 2  # score events: edge band (share of width), frames gone, match tolerance
 # why a metric is null, by a fragment of its name in metrics.json (first match wins)
 REASONS = [
     ("ball_presence", "no real frame shows a ball"),
@@ -80,63 +70,6 @@ REASONS = [
     ("moves", "the player's paddle is not seen at the start and the end (or no start state has room to move)"),
     ("up_above_down", "the player's paddle is not seen at the end of both rollouts"),
 ]
-
-
-# -----------------------------------------------------------------------------
-# image metrics and score events
-
-
-def psnr(a, b):
-    """PSNR in dB per frame: uint8 (..., H, W, 3) -> (...)."""
-    mse = np.square(a.astype(np.float32) - b.astype(np.float32)).mean(axis=(-3, -2, -1))
-    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
-
-
-def ssim(a, b, size=11, sigma=1.5):
-    """SSIM per frame (Wang et al. 2004: 11x11 gaussian window, 'valid' borders, mean over channels).
-
-    a, b: uint8 (..., H, W, 3) -> (...). Identical frames give exactly 1.
-    """
-    lead = a.shape[:-3]
-    x, y = (torch.from_numpy(np.asarray(v)).reshape(-1, *v.shape[-3:]).movedim(-1, 1).double() for v in (a, b))
-    size = min(size, *x.shape[-2:])
-    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma**2))
-    g = (g / g.sum())[None, None]  # separable: a pass along rows, then along columns
-    blur = lambda z: F.conv2d(F.conv2d(z.flatten(0, 1)[:, None], g[..., None, :]), g[..., :, None])
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mx, my, xx, yy, xy = (blur(z) for z in (x, y, x * x, y * y, x * y))
-    vx, vy, cov = xx - mx**2, yy - my**2, xy - mx * my
-    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return s.reshape(len(x), -1).mean(1).numpy().reshape(lead)
-
-
-def score_events(frames, det, digits=False):
-    """Points scored in a sequence: uint8 (T, H, W, 3) and its detect_objects -> [(k, scorer)], 1 = the player."""
-    T, H, W = frames.shape[:3]
-    if digits:
-        top = max(1, int(24 * H / utils.ATARI_H))  # the digits sit above the top wall (raw rows 24..33)
-        d = np.abs(np.diff(frames[:, :top].astype(np.int16), axis=0)).max(-1) > 20  # (T-1, top, W)
-        left, right = d[:, :, : W // 2].sum((1, 2)), d[:, :, W // 2 :].sum((1, 2))  # right: the player's score
-        moved = left + right >= max(2, H * W // 1000)  # moved[k-1]: the digits change from frame k-1 to k
-        # a new score then stays put for GONE-1 frames, which rules out flicker in generated frames
-        keep = lambda k: moved[k - 1] and not moved[k : k + GONE - 1].any()
-        return [(k, int(right[k - 1] > left[k - 1])) for k in range(1, T - GONE + 1) if keep(k)]
-    seen, x = det["ball_present"], det["ball_xy"][:, 0]
-    events = []
-    for k in range(1, T - GONE + 1):
-        if seen[k - 1] and not seen[k : k + GONE].any() and not EDGE * W <= x[k - 1] <= (1 - EDGE) * W - 1:
-            events.append((k, int(x[k - 1] < W / 2)))  # out on the left: the player scored
-    return events
-
-
-def match_events(real, gen, tol=TOL):
-    """Greedy one-to-one matching of (k, side) events within +-tol frames -> number matched."""
-    free = list(gen)
-    for k, side in real:
-        hit = next((g for g in free if g[1] == side and abs(g[0] - k) <= tol), None)
-        if hit is not None:
-            free.remove(hit)
-    return len(gen) - len(free)
 
 
 # -----------------------------------------------------------------------------
@@ -171,14 +104,14 @@ def spread(eps, lo, margin, n):
     return [cand[i] for i in idx]
 
 
-def window(eps, points, offset=0, T=1, key="frames"):
+def take(eps, points, offset=0, T=1, key="frames"):
     """eps[e][key][s+offset : s+offset+T] for each (e, s) -> (R, T, ...)."""
     return np.stack([eps[e][key][s + offset : s + offset + T] for e, s in points])
 
 
 def prompt_of(eps, points, n):
     """WorldModel.reset's arguments: real frames s-n+1..s (R, n, H, W, 3) and the n-1 actions between them."""
-    return window(eps, points, 1 - n, n), window(eps, points, 1 - n, n - 1, "actions")
+    return take(eps, points, 1 - n, n), take(eps, points, 1 - n, n - 1, "actions")
 
 
 def recorded(eps, T):
@@ -216,7 +149,7 @@ def fps_batch1(engine, eps, point, n_prompt, n):
     """End-to-end frames/s at batch 1 (DiT + VAE decode + copy to the host), after two warm-up frames,
     run as generate.py and play.py run it: decoding pipelined with the DiT, half the CPU threads each."""
     threads = torch.get_num_threads()
-    generate.set_threads(0, engine.device.type)
+    engines.set_threads(0, engine.device)
     try:
         engine.reset(*prompt_of(eps, [point], n_prompt))
         a = torch.zeros(1, dtype=torch.long, device=engine.device)
@@ -233,66 +166,11 @@ def fps_batch1(engine, eps, point, n_prompt, n):
         torch.set_num_threads(threads)
 
 
-# -----------------------------------------------------------------------------
-# metric blocks
-
-
-def nanmean(x, axis=None):
-    """Mean over finite entries; NaN (-> null) where there are none, without a warning."""
-    x = np.asarray(x, np.float64)
-    ok, n = np.isfinite(x), np.isfinite(x).sum(axis)
-    return np.where(n > 0, np.where(ok, x, 0).sum(axis) / np.maximum(n, 1), np.nan)
-
-
-def share(ok, mask):
-    """Share of True in ok[mask]; NaN when the mask is empty."""
-    return float(ok[mask].mean()) if mask.any() else float("nan")
-
-
-def objects(real, gen):
-    """Detections and position errors (px) for real vs generated uint8 (..., H, W, 3) frames."""
-    dr, dg = utils.detect_objects(real), utils.detect_objects(gen)
-    err = {"ball": np.linalg.norm(dr["ball_xy"] - dg["ball_xy"], axis=-1)}  # NaN unless both have it
-    err.update({k: np.abs(dr[f"{k}_y"] - dg[f"{k}_y"]) for k in ("player", "opponent")})
-    return dr, dg, err, share(dg["ball_present"], dr["ball_present"])
-
-
-def next_frame_block(real, gen):
-    """Per-frame metrics of (N, H, W, 3) frames; ball_presence: share of real balls also seen in gen."""
-    dr, dg, err, presence = objects(real, gen)
-    m = dict(psnr=psnr(real, gen).mean(), ssim=ssim(real, gen).mean(), ball_presence=presence)
-    return {k: float(v) for k, v in m.items()} | {"ball_error_px": float(nanmean(err["ball"])), "n": len(real)}
-
-
-def rollout_block(real, gen, horizons):
-    """PSNR, object and score-event metrics of rollouts: real, gen uint8 (R, 1 + T, H, W, 3), the same start frame."""
-    p = psnr(real[:, 1:], gen[:, 1:])
-    dr, dg, err, _ = objects(real, gen)
-    has_r, has_g = dr["ball_present"][:, 1:], dg["ball_present"][:, 1:]
-    at = lambda curve: {str(k): float(curve[k - 1]) for k in horizons}  # steps count from 1
-    curves = {k: nanmean(v[:, 1:], 0) for k, v in err.items()}
-    res = {"psnr": at(p.mean(0)), "psnr_mean": float(p.mean()), "psnr_curve": p.mean(0)}
-    res |= {"ball_presence": share(has_g, has_r), "ball_spurious": share(has_g, ~has_r)}
-    res |= {f"{k}_error_px": at(c) for k, c in curves.items()}
-    res |= {"ball_error_first16_px": float(nanmean(err["ball"][:, 1:17])), "curves_px": curves}
-    for name in ("score_events", "score_digits"):
-        n_r = n_g = n_m = 0
-        for i in range(len(real)):
-            ev_r, ev_g = (
-                score_events(fr[i], {k: v[i] for k, v in d.items()}, name == "score_digits")
-                for fr, d in ((real, dr), (gen, dg))
-            )
-            n_r, n_g, n_m = n_r + len(ev_r), n_g + len(ev_g), n_m + match_events(ev_r, ev_g)
-        ratio = lambda a, b: a / b if b else float("nan")
-        res[name] = dict(precision=ratio(n_m, n_g), recall=ratio(n_m, n_r), n_real=n_r, n_generated=n_g, n_matched=n_m)
-    return res
-
-
 def control_block(engine, eps, points, ctx, K, cfg, y_range):
     """Hold up vs down for K frames from the same real states (same noise); read the player's paddle."""
     y = {a: run(engine, eps, points, ctx, K, lambda e, s, a=a: np.full(K, a), cfg, f"control {a}") for a in (UP, DOWN)}
     y = {a: utils.detect_objects(v[:, -1])["player_y"] for a, v in y.items()}
-    y0, (lo, hi) = utils.detect_objects(window(eps, points)[:, 0])["player_y"], y_range
+    y0, (lo, hi) = utils.detect_objects(take(eps, points)[:, 0])["player_y"], y_range
     seen = {a: np.isfinite(y0) & np.isfinite(y[a]) for a in (UP, DOWN)}
     with np.errstate(invalid="ignore"):
         up, down = y[UP] <= y0 - 1, y[DOWN] >= y0 + 1
@@ -353,11 +231,7 @@ def plot(path, m, horizon):
 
 
 def main(cfg, argv=()):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        utils.die(f"--device {cfg.device}: CUDA is not available on this machine")
-    if not os.path.isfile(cfg.ckpt):
-        utils.die(f"--ckpt {cfg.ckpt}: no such file")
+    device = utils.pick_device(cfg.device)
     if not os.path.isdir(cfg.data):
         utils.die(f"--data {cfg.data}: no such directory")
     for flag in ("rollouts", "horizon", "tf_frames", "vae_frames", "control_frames", "speed_frames", "batch"):
@@ -369,35 +243,20 @@ def main(cfg, argv=()):
     if not all(1 <= v <= 1000 for v in sweeps["steps"]) or not all(0 <= v < 1000 for v in sweeps["context_noise"]):
         utils.die("--sweep-steps must be in 1..1000 and --sweep-context-noise in 0..999")
     utils.seed_everything(cfg.seed)
+    engine = engines.load_world_model(cfg, device)
     ckpt = utils.load_checkpoint(cfg.ckpt, kind="dit")
-    if not cfg.ema and "model" not in ckpt:
-        utils.die(f"--no-ema: {cfg.ckpt} holds only the EMA weights")
-    ckpt_step = ckpt.get("step")
+    ckpt_step, vae_path = ckpt.get("step"), engines.find_vae(cfg.ckpt, ckpt["config"], cfg.vae)
     del ckpt
-    dit, dconf = generate.load_dit(cfg.ckpt, device, cfg.ema)
-    vae_path = generate.find_vae(cfg.ckpt, dconf, cfg.vae)
-    vae = generate.load_vae(vae_path, device)
-    if cfg.cuda_graph and not device.startswith("cuda"):
-        utils.die(f"--cuda-graph needs a CUDA device, not {device}")
-    make = lambda st, cn: generate.WorldModel(
-        dit,
-        vae,
-        dconf["latent_scale"],
-        device,
-        st,
-        cn,
-        seed=cfg.seed,
-        window=cfg.window,
-        guidance=cfg.guidance,
+    make = lambda st, cn: engines.WorldModel(
+        engine.dit, engine.vae, engine.scale, device, st, cn, seed=cfg.seed, slide=cfg.slide, guidance=cfg.guidance,
         cuda_graph=cfg.cuda_graph,
-    )
-    engine = make(cfg.steps, cfg.context_noise)
-    max_ctx = dit.max_frames - 1
+    )  # fmt: skip
+    max_ctx = engine.window - 1
     ctx = cfg.context or max_ctx
     P = cfg.prompt or ctx
     for flag, v in (("context", ctx), ("prompt", P)):
         if not 1 <= v <= max_ctx:
-            utils.die(f"--{flag} {v}: must be in 1..{max_ctx} (the model's max_frames-1)")
+            utils.die(f"--{flag} {v}: must be in 1..{max_ctx} (the model's window - 1)")
     eps = load_episodes(cfg, engine.frame_size)
     tf_pts, ar_pts = spread(eps, ctx - 1, 1, cfg.tf_frames), spread(eps, P - 1, cfg.horizon, cfg.rollouts)
     if not tf_pts or not ar_pts:
@@ -407,7 +266,7 @@ def main(cfg, argv=()):
 
     # VAE reconstruction: the ceiling for everything generated
     vae_pts = spread(eps, 0, 0, cfg.vae_frames)
-    real = window(eps, vae_pts)[:, 0]
+    real = take(eps, vae_pts)[:, 0]
     chunks = np.array_split(real, -(-len(real) // 64))
     rec = np.concatenate([engine.decode(engine.encode(c[:, None])[:, 0]).cpu().numpy() for c in chunks])
     m_vae = next_frame_block(real, rec) | {"n_ball": int(utils.detect_objects(real)["ball_present"].sum())}
@@ -416,9 +275,9 @@ def main(cfg, argv=()):
         """Teacher-forced next frames and autoregressive rollouts with one sampler setting."""
         tf = run(eng, eps, tf_pts, ctx, 1, recorded(eps, 1), cfg, f"{label} tf")[:, 0]
         gen = run(eng, eps, ar_pts, P, cfg.horizon, recorded(eps, cfg.horizon), cfg, f"{label} rollouts")
-        real = window(eps, ar_pts, 0, cfg.horizon + 1)  # the start frame, then the frames to compare with
+        real = take(eps, ar_pts, 0, cfg.horizon + 1)  # the start frame, then the frames to compare with
         gen = np.concatenate([real[:, :1], gen], 1)
-        return next_frame_block(window(eps, tf_pts, 1)[:, 0], tf), rollout_block(real, gen, horizons), gen
+        return next_frame_block(take(eps, tf_pts, 1)[:, 0], tf), rollout_block(real, gen, horizons), gen
 
     m_tf, m_ar, gen = quality(engine, "main")
     # the same rollouts (same noise) with each rollout's actions permuted: how much do the actions matter?
@@ -426,8 +285,8 @@ def main(cfg, argv=()):
     perm = {p: rng.permutation(cfg.horizon) for p in ar_pts}
     shuffled_fn = lambda e, s: recorded(eps, cfg.horizon)(e, s)[perm[e, s]]
     shuffled = run(engine, eps, ar_pts, P, cfg.horizon, shuffled_fn, cfg, "shuffled actions")
-    real = window(eps, ar_pts, 1, cfg.horizon)
-    gain = psnr(real, gen[:, 1:]) - psnr(real, shuffled)  # (R, T)
+    real = take(eps, ar_pts, 1, cfg.horizon)
+    gain = utils.psnr(real, gen[:, 1:]) - utils.psnr(real, shuffled)  # (R, T)
     all_y = np.concatenate([utils.detect_objects(ep["frames"])["player_y"] for ep in eps])
     y_range = (np.nanmin(all_y), np.nanmax(all_y)) if np.isfinite(all_y).any() else (np.nan, np.nan)
     m_ctl = control_block(engine, eps, spread(eps, ctx - 1, 0, cfg.rollouts), ctx, cfg.control_frames, cfg, y_range)
@@ -435,7 +294,7 @@ def main(cfg, argv=()):
     m_ctl["psnr_gain_at"] = {str(k): float(gain[:, k - 1].mean()) for k in horizons}
     fps = fps_batch1(engine, eps, ar_pts[0], P, cfg.speed_frames)
     cpu = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-    dev_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
 
     for name, values in sweeps.items():
         rows = []
@@ -454,7 +313,9 @@ def main(cfg, argv=()):
         "argv": list(argv),
         "checkpoint": dict(path=os.path.abspath(cfg.ckpt), step=ckpt_step, vae=os.path.abspath(vae_path)),
         "device": dev_name,
-        "derived": dict(context=ctx, prompt=P, horizons=horizons, frame_size=engine.frame_size, model=dconf["model"]),
+        "derived": dict(
+            context=ctx, prompt=P, horizons=horizons, frame_size=engine.frame_size, model=engine.dit.config
+        ),
         "data": dict(dir=os.path.abspath(cfg.data), episodes=len(eps), frames=sum(len(ep["frames"]) for ep in eps)),
         "counts": dict(vae_frames=len(vae_pts), tf_frames=len(tf_pts), rollouts=len(ar_pts), control=m_ctl["n"]),
         "vae": m_vae,

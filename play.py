@@ -5,7 +5,7 @@ With the bundled model (CPU is fine; a window opens):
 Faster / bigger, on one GPU:
     python play.py --device cuda --steps 4 --fps 30 --scale 8
 Record a game, then replay its keys through generate.py (it prints the exact command; same prompt,
-seed, steps, --context-noise and --window give the same frames, bit for bit):
+seed, steps, --context-noise and --slide give the same frames, bit for bit):
     python play.py --record runs/game.mp4          # also runs/game.actions.pt, runs/game.npz, runs/game.prompt.png
     python generate.py --prompt runs/game.prompt.png --actions runs/game.actions.pt --frames <T+1> --out replay.npz
 The real emulator (left) beside the model (right), both fed your keys, the model started from the emulator's frame:
@@ -33,16 +33,7 @@ import numpy as np
 import torch
 
 import utils
-from generate import (
-    SAMPLE_DIR,
-    THREADS_HELP,
-    ModelConfig,
-    WorldModel,
-    read_actions,
-    read_prompt,
-    set_threads,
-    write_video,
-)
+from engine import SAMPLE_DIR, THREADS_HELP, ModelConfig, load_world_model, read_actions, read_prompt, set_threads
 from utils import arg
 
 CONTROLS = ["Up/Down: paddle   Space: fire", "R: restart   P: pause   Esc: quit"]
@@ -181,7 +172,7 @@ def save_game(game, cfg):
 
     utils._atomic(root + ".prompt.png", lambda tmp: cv2.imwrite(tmp, cv2.cvtColor(frames[0], cv2.COLOR_RGB2BGR)))
     print(f"wrote {root}.actions.pt, {root}.npz, {root}.prompt.png: {len(frames)} frames")
-    flags = f"--steps {cfg.steps} --context-noise {cfg.context_noise} --window {cfg.window} "
+    flags = f"--steps {cfg.steps} --context-noise {cfg.context_noise} --slide {cfg.slide} "
     flags += f"--guidance {cfg.guidance} --seed {cfg.seed}"
     print(
         f"replay: python generate.py --ckpt {cfg.ckpt} --prompt {root}.prompt.png --actions {root}.actions.pt "
@@ -192,7 +183,7 @@ def save_game(game, cfg):
 
     # Not a daemon: even after Ctrl-C the interpreter waits for the video; the atomic write leaves no half file.
     def encode():
-        write_video(root + ext, video, cfg.fps or 15, cfg.scale)
+        utils.write_video(root + ext, video, cfg.fps or 15, cfg.scale)
         print(f"wrote {root}{ext}")
 
     writer = threading.Thread(target=encode)
@@ -289,9 +280,7 @@ def interrupt(signum, frame):
 
 
 def main(cfg):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        utils.die(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    device = utils.pick_device(cfg.device)
     if cfg.headless and cfg.frames < 1:
         utils.die(f"--headless needs --frames N (N >= 1), found {cfg.frames}")
     if cfg.frames < 0 or cfg.fps < 0 or cfg.scale < 1 or cfg.steps < 1:
@@ -300,8 +289,6 @@ def main(cfg):
         utils.die(f"--record {cfg.record}: use a .mp4, .gif or .npz file name")
     if cfg.screenshot and not cfg.screenshot.lower().endswith(".png"):
         utils.die(f"--screenshot {cfg.screenshot}: use a .png file name")
-    if not os.path.isfile(cfg.ckpt):
-        utils.die(f"--ckpt {cfg.ckpt}: no such file (train one with train.py dit, or use the bundled checkpoints/)")
     policy_spec = ("random" if cfg.headless else "keys") if cfg.policy == "auto" else cfg.policy
     if cfg.headless and policy_spec == "keys":
         utils.die("--policy keys needs a window: drop --headless, or pick a scripted policy")
@@ -309,7 +296,7 @@ def main(cfg):
     policy = make_policy(policy_spec, cfg.seed)
 
     set_threads(cfg.threads, device)
-    engine = WorldModel.from_config(cfg, device)
+    engine = load_world_model(cfg, device)
     size = engine.frame_size
     prompt = None if cfg.compare else read_prompt(cfg.prompt, size)[-1:]  # (1, H, W, 3)
     env = make_env() if cfg.compare else None

@@ -3,7 +3,7 @@
 CPU smoke run (seconds, what the tests use):
     python train.py vae --data data/pong --out runs/vae --preset tiny
     python train.py dit --data data/pong --vae runs/vae --out runs/dit --preset tiny
-One GPU (`--preset gpu` is the default when CUDA is present):
+One GPU (`--preset gpu` is the default when CUDA is present, `cpu` otherwise):
     python train.py vae --data data/pong --out runs/vae
     python train.py dit --data data/pong --vae runs/vae --out runs/dit
 Several GPUs or nodes (DDP; NCCL on CUDA, gloo on CPU):
@@ -18,10 +18,10 @@ Fine-tune the decoder of a trained VAE, or train a lighter one (the latents, and
 Fine-tune a trained DiT (from its EMA weights), e.g. on more data:
     python train.py dit --data data/pong,data/more --vae runs/vae --init runs/dit --out runs/dit_ft
 
-The DiT is trained with diffusion forcing: every frame of a window gets its own
-noise level, v-prediction on the sigmoid schedule. This file is the loop (optimizer,
-schedule, EMA, checkpoints, logging, DDP); tasks.py holds what is trained: the data on
-the device, the latent cache, and each model's loss and validation.
+The DiT is trained with diffusion forcing: every frame of a window gets its own noise level,
+v-prediction on the sigmoid schedule. This file holds the flags (one config per kind, with its
+presets) and the loop (optimizer, schedule, EMA, checkpoints, logging, DDP); tasks.py holds what
+is trained: each model with its data (dataset.PongDataset), loss and validation.
 """
 
 import copy
@@ -39,46 +39,28 @@ import utils
 from tasks import DiTTask, VAETask
 from utils import arg
 
-VERSION = 1
-
 
 @dataclass
 class TrainConfig:
-    data: str = arg("data/pong", "recorded episodes (generate_dataset.py --out)")
+    """The loop's flags, shared by both kinds."""
+
+    data: str = arg("data/pong", "recorded episodes (generate_dataset.py --out); comma-separated dirs")
     out: str = arg("runs/run", "run directory: ckpt.pt, log.txt, config.json, samples")
-    vae: str = arg("", "dit only: VAE run dir or ckpt.pt whose latents the DiT models")
-    model: str = arg("S", "dit: DiT size (dit.DiT_models key); vae: VAE config (uvit_vae.VAE_CONFIGS key)")
+    init: str = arg("", "start from this run dir or ckpt.pt of the same kind (its EMA weights), not random weights")
     steps: int = arg(1000, "total optimisation steps")
-    batch_size: int = arg(32, "batch size per process (frames for the VAE, windows for the DiT)")
-    seq_len: int = arg(16, "dit: frames per training window (the model's max_frames)")
+    batch_size: int = arg(32, "batch size per process")
     lr: float = arg(3e-4, "peak learning rate")
     min_lr_frac: float = arg(0.1, "cosine decay ends at lr * min_lr_frac")
     warmup: int = arg(100, "linear warmup steps")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     grad_clip: float = arg(1.0, "gradient norm clip")
     ema_decay: float = arg(0.999, "EMA decay of the weights")
-    ctx_noise_prob: float = arg(
-        0.0, "dit: share of windows trained GameNGen-style (clean-ish context, noisy last frame)"
-    )
-    ctx_noise_max: int = arg(300, "dit: max noise level of the context in those windows")
-    action_dropout: float = arg(0.1, "dit: share of frames whose action is replaced by 'unknown' (zeros)")
-    kl_weight: float = arg(1e-6, "vae: KL weight (per-element, relative to the reconstruction)")
-    crop: int = arg(0, "vae: train on random crops of this size (a multiple of 8; 0 = whole frames)")
-    fg_weight: float = arg(20.0, "vae: extra loss weight on pixels that differ from the static background")
-    init: str = arg("", "start from this run dir or ckpt.pt of the same kind (its EMA weights), not random weights")
-    decoder_only: bool = arg(
-        False, "vae: with --init, train only the decoder: the latents (and a DiT trained on them) stay valid"
-    )
-    decoder: str = arg("", "vae: with --decoder-only, a new decoder of this uvit_vae.DECODER_CONFIGS size")
     val_fraction: float = arg(0.1, "share of episodes held out for validation")
     max_episodes: int = arg(0, "use at most this many episodes of each data dir, the first by index (0 = all)")
     log_every: int = arg(50, "steps between log lines (and NaN checks)")
     eval_every: int = arg(500, "steps between validation losses")
-    sample_every: int = arg(1000, "dit: steps between autoregressive sample rollouts (0: off)")
     save_every: int = arg(500, "steps between checkpoints")
-    max_minutes: float = arg(
-        0.0, "training time budget: the cosine schedule spans it, then the run saves and stops; 0 = none"
-    )
+    max_minutes: float = arg(0.0, "time budget: the cosine schedule spans it, then the run saves and stops; 0 = none")
     seed: int = arg(0, "random seed (each rank uses seed + rank)")
     overfit: bool = arg(False, "debug aid: train on one fixed batch (same frames, noise and levels) every step")
     resume: bool = arg(False, "continue from OUT/ckpt.pt")
@@ -86,6 +68,31 @@ class TrainConfig:
     compile: bool = arg(False, "torch.compile the model (CUDA only)")
     wandb: str = arg("auto", "auto | online | offline | disabled", choices=["auto", "online", "offline", "disabled"])
     wandb_project: str = arg("gamengen-mini", "wandb project")
+
+
+@dataclass
+class VAEConfig(TrainConfig):
+    """train.py vae: single frames, reconstruction + KL."""
+
+    model: str = arg("pong_cpu", "VAE config: a uvit_vae.VAE_CONFIGS key, or tiny (the tests')")
+    kl_weight: float = arg(1e-6, "KL weight (per-element, relative to the reconstruction)")
+    crop: int = arg(0, "train on random crops of this size (a multiple of 8; 0 = whole frames)")
+    fg_weight: float = arg(20.0, "extra loss weight on pixels that differ from the static background")
+    decoder_only: bool = arg(False, "with --init, train only the decoder: the latents (and a DiT on them) stay valid")
+    decoder: str = arg("", "with --decoder-only, a new decoder of this uvit_vae.DECODER_CONFIGS size")
+
+
+@dataclass
+class DiTConfig(TrainConfig):
+    """train.py dit: windows of VAE latents, diffusion forcing."""
+
+    vae: str = arg("", "VAE run dir or ckpt.pt whose latents the DiT models (required)")
+    model: str = arg("XS", "DiT size (a dit.DiT_models key)")
+    window: int = arg(16, "frames per training window: the DiT's context window")
+    ctx_noise_prob: float = arg(0.0, "share of windows trained GameNGen-style (clean-ish context, noisy last frame)")
+    ctx_noise_max: int = arg(300, "max noise level of the context in those windows")
+    action_dropout: float = arg(0.1, "share of frames whose action is replaced by 'unknown' (zeros)")
+    sample_every: int = arg(1000, "steps between autoregressive sample rollouts (0: off)")
 
 
 # fmt: off
@@ -101,49 +108,31 @@ PRESETS = {
                     fg_weight=100.0, eval_every=1000, save_every=1000),
     },
     "dit": {
-        "tiny": dict(model="tiny", steps=40, batch_size=4, seq_len=4, warmup=5, log_every=10, eval_every=20,
+        "tiny": dict(model="tiny", steps=40, batch_size=4, window=4, warmup=5, log_every=10, eval_every=20,
                      sample_every=40, save_every=20, ema_decay=0.9),
-        "cpu": dict(model="XS", steps=100_000, max_minutes=30, batch_size=16, seq_len=6, lr=5e-4, warmup=200,
+        "cpu": dict(model="XS", steps=100_000, max_minutes=30, batch_size=16, window=6, lr=5e-4, warmup=200,
                     max_episodes=4, ema_decay=0.998, eval_every=500, sample_every=1000, save_every=250),
-        # XS, not the default S: the fp16 bundle must stay under 25 MB (S alone is 38 MB) and generate
-        # 20 frames/s on a 2-core CPU. With the VAE (2 min) and the lite decoder (1 min), `make train-gpu`
-        # takes about 7 minutes of training, so it fits one 10-minute call of a lent GPU.
-        "gpu": dict(model="XS", steps=30_000, max_minutes=4, batch_size=64, seq_len=16, lr=4e-4, warmup=300,
+        # XS, not S: the fp16 bundle must stay under 25 MB (S alone is 38 MB) and generate 20 frames/s
+        # on a 2-core CPU. With the VAE (2 min) and the lite decoder (1 min), `make train-gpu` takes
+        # about 7 minutes of training, so it fits one 10-minute call of a lent GPU.
+        "gpu": dict(model="XS", steps=30_000, max_minutes=4, batch_size=64, window=16, lr=4e-4, warmup=300,
                     ema_decay=0.999, eval_every=1000, sample_every=2000, save_every=1000),
     },
 }
 # fmt: on
+KINDS = {"vae": (VAEConfig, VAETask), "dit": (DiTConfig, DiTTask)}
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, for MFU
 
 
-# -----------------------------------------------------------------------------
-# distributed set-up
-
-
 def setup_distributed(cfg):
-    """Returns (rank, world, local_rank, device). DDP switches on when torchrun sets RANK."""
-    ddp = "RANK" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device == "auto":
-        dev = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    elif cfg.device == "cuda" and ddp:
-        dev = f"cuda:{local}"
-    else:
-        dev = cfg.device
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        utils.die(f"--device {cfg.device}: CUDA is not available on this machine")
-    device = torch.device(dev)
+    """Returns (rank, world, device). DDP switches on when torchrun sets RANK."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = utils.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if ddp:
+    if "RANK" in os.environ:
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
-
-
-# -----------------------------------------------------------------------------
-# schedule, EMA, checkpoints
 
 
 def lr_at(step, progress, cfg):
@@ -160,30 +149,11 @@ def ema_update(ema, model, decay):
         e.lerp_(p.detach(), 1 - decay)
 
 
-def save_checkpoint(path, model, ema, opt, step, config, elapsed, gen):
-    state = {
-        "elapsed": elapsed,
-        "rng": {"gen": gen.get_state(), "torch": torch.get_rng_state()},  # so a resumed run continues exactly
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": opt.state_dict(),
-        "step": step,
-        "config": config,
-        "version": VERSION,
-    }
-    utils.atomic_torch_save(state, path)
-
-
-# -----------------------------------------------------------------------------
-# logging
-
-
 class Logger:
     """stdout + RUN/log.txt + wandb (rank 0 only)."""
 
     def __init__(self, cfg, kind, master, config):
-        self.master = master
-        self.run = None
+        self.master, self.run = master, None
         if not master:
             return
         os.makedirs(cfg.out, exist_ok=True)
@@ -197,7 +167,9 @@ class Logger:
                 utils.die("--wandb online/offline needs the wandb package (pip install wandb)")
             mode = "disabled"
         if mode == "auto":
-            mode = "online" if (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()) else "offline"
+            netrc = os.path.expanduser("~/.netrc")
+            logged_in = os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+            mode = "online" if (os.environ.get("WANDB_API_KEY") or logged_in) else "offline"
         if mode != "disabled":
             name = f"pong__{kind}__{cfg.seed}__{int(time.time())}"
             self.run = wandb.init(project=cfg.wandb_project, name=name, config=config, dir=cfg.out, mode=mode)
@@ -225,12 +197,49 @@ class Logger:
             self.run.finish()
 
 
-def _wandb_logged_in():
-    netrc = os.path.expanduser("~/.netrc")
-    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+def start(kind, cfg, task, world, gen):
+    """EMA, optimizer, the checkpoint's config and the step to start from: fresh, or --resume's checkpoint."""
+    model, ckpt_path = task.model, os.path.join(cfg.out, "ckpt.pt")
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=params[0].is_cuda
+    )
+    config = {"kind": kind, "model": task.model_config, "train": dataclasses.asdict(cfg), "world_size": world}
+    config |= task.extra_config
+    step, elapsed = 0, 0.0
+    if cfg.resume:
+        ck = utils.load_checkpoint(ckpt_path, kind=kind)
+        if ck["config"]["model"] not in (task.model_config, json.loads(json.dumps(task.model_config))):
+            utils.die(f"--resume: {ckpt_path} was trained with model config {ck['config']['model']}, "
+                      f"this run builds {task.model_config}")  # fmt: skip
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        step, elapsed = ck["step"], ck.get("elapsed", 0.0)
+        if world == 1 and "rng" in ck:  # so a resumed run continues exactly
+            gen.set_state(ck["rng"]["gen"])
+            torch.set_rng_state(ck["rng"]["torch"])
+        config.update({k: v for k, v in ck["config"].items() if k == "scaling_factor"})
+    return ema, opt, config, step, elapsed
 
 
-# -----------------------------------------------------------------------------
+def wrap(model, cfg, device, world):
+    """What the loop calls: the bare model, compiled (--compile, CUDA) and/or in DDP. Checkpoints save the bare one."""
+    if cfg.compile and device.type == "cuda":
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def save(path, model, ema, opt, step, config, elapsed, gen):
+    """The checkpoint: plain types only, written atomically; the RNG states make a resumed run continue exactly."""
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step}
+    state |= {"config": config, "version": utils.CKPT_VERSION, "elapsed": elapsed}
+    utils.atomic_torch_save(state | {"rng": {"gen": gen.get_state(), "torch": torch.get_rng_state()}}, path)
 
 
 def main(kind, cfg):
@@ -244,43 +253,9 @@ def main(kind, cfg):
     if not cfg.resume and os.path.isfile(ckpt_path):
         utils.die(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
 
-    task = (VAETask if kind == "vae" else DiTTask)(cfg, device, master)
+    task = KINDS[kind][1](cfg, device, master)
     model = task.model
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        betas=(0.9, 0.99),
-        fused=device.type == "cuda",
-    )
-    config = {
-        "kind": kind,
-        "model": task.model_config,
-        "train": dataclasses.asdict(cfg),
-        "world_size": world,
-        **getattr(task, "extra_config", {}),
-    }
-    step, elapsed0 = 0, 0.0
-    if cfg.resume:
-        ck = utils.load_checkpoint(ckpt_path, kind=kind)
-        if (
-            ck["config"]["model"] != json.loads(json.dumps(task.model_config))
-            and ck["config"]["model"] != task.model_config
-        ):
-            utils.die(
-                f"--resume: {ckpt_path} was trained with model config {ck['config']['model']}, "
-                f"this run builds {task.model_config}"
-            )
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        step = ck["step"]
-        elapsed0 = ck.get("elapsed", 0.0)
-        if world == 1 and "rng" in ck:
-            gen.set_state(ck["rng"]["gen"])
-            torch.set_rng_state(ck["rng"]["torch"])
-        config.update({k: v for k, v in ck["config"].items() if k == "scaling_factor"})
+    ema, opt, config, step, elapsed0 = start(kind, cfg, task, world, gen)
     if master:
         os.makedirs(cfg.out, exist_ok=True)
         utils.atomic_write_text(os.path.join(cfg.out, "config.json"), json.dumps(config, indent=1, default=str))
@@ -288,46 +263,33 @@ def main(kind, cfg):
     n_params = sum(p.numel() for p in model.parameters())
     logger.log(step, {}, f"{kind}: {n_params / 1e6:.2f}M parameters on {device} x{world}, from step {step}")
 
-    train_model = task.forward_module
-    if cfg.compile and device.type == "cuda":
-        train_model = torch.compile(train_model)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    )
-    flops_per_sample = None
-    if kind == "dit":
-        from dit import flops_per_frame
-
-        flops_per_sample = 3 * flops_per_frame(model) * cfg.seq_len  # forward + backward
-    peak = next(
-        (v for k, v in PEAK_FLOPS_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)),
-        None,
-    )
+    train_model = wrap(task.model, cfg, device, world)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_FLOPS_BF16.items() if k in gpu), None)
 
     t0 = time.time()
     elapsed = lambda: elapsed0 + time.time() - t0  # training seconds, across resumes
 
     def progress():
         p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        if cfg.max_minutes > 0:
-            p = max(p, elapsed() / (cfg.max_minutes * 60))
-        return p
+        return max(p, elapsed() / (cfg.max_minutes * 60)) if cfg.max_minutes > 0 else p
 
     def checkpoint(at):
         if master:
             config.update(task.finalize_config(ema))
-            save_checkpoint(ckpt_path, model, ema, opt, at, config, elapsed(), gen)
+            save(ckpt_path, model, ema, opt, at, config, elapsed(), gen)
+
+    def stop(what):
+        bar.close()
+        utils.die(f"loss became {what} near step {step}; stopping. The last good checkpoint "
+                  f"(step {last_saved}) is kept at {ckpt_path}", code=3)  # fmt: skip
 
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True, desc=kind)
-    t_log, last_saved = time.time(), step
-    loss_sum = torch.zeros((), device=device)
-    start_step = step
+    t_log, last_saved, start_step = time.time(), step, step
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync between log steps
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr = lr_at(step, progress(), cfg)
@@ -350,38 +312,25 @@ def main(kind, cfg):
             mean_loss = loss_sum.item() / n
             loss_sum.zero_()
             if not math.isfinite(mean_loss):
-                bar.close()
-                utils.die(
-                    f"loss became {mean_loss} near step {step}; stopping. The last good checkpoint "
-                    f"(step {last_saved}) is kept at {ckpt_path}",
-                    code=3,
-                )
-            dt = time.time() - t_log
-            t_log = time.time()
+                stop(mean_loss)
+            dt, t_log = time.time() - t_log, time.time()
             sps = n * cfg.batch_size * world / dt
-            vals = {
-                "loss": mean_loss,
-                "lr": lr,
-                "grad_norm": gnorm.item(),
-                "samples_s": sps,
-                **{k: float(v) for k, v in extras.items()},
-            }
-            if kind == "dit":
+            vals = {"loss": mean_loss, "lr": lr, "grad_norm": gnorm.item(), "samples_s": sps}
+            vals |= {k: float(v) for k, v in extras.items()}
+            if task.tokens_per_sample:
                 vals["tokens_s"] = sps * task.tokens_per_sample
-                if peak:
-                    vals["mfu"] = sps * flops_per_sample / (peak * world)
+            if peak and task.flops_per_sample:
+                vals["mfu"] = sps * task.flops_per_sample / (peak * world)
             logger.log(step, vals)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
         if master and (step % cfg.eval_every == 0 or last):
             ema.eval()
-            logger.log(step, task.evaluate(ema, step, logger))
-        if master and kind == "dit" and cfg.sample_every and (step % cfg.sample_every == 0 or last):
+            logger.log(step, task.evaluate(ema))
+        if master and getattr(cfg, "sample_every", 0) and (step % cfg.sample_every == 0 or last):
             logger.log(step, task.sample(ema, step, logger))
         if step % cfg.save_every == 0 or last:
             if not math.isfinite(loss.item()):
-                utils.die(
-                    f"loss became non-finite at step {step}; last good checkpoint (step {last_saved}) kept", code=3
-                )
+                stop("non-finite")
             checkpoint(step)
             last_saved = step
         if last:
@@ -396,17 +345,17 @@ def main(kind, cfg):
 
 
 if __name__ == "__main__":
-    kind = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in PRESETS else None
-    if kind is None:
-        if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
-            print(__doc__)
-            print("usage: train.py {vae,dit} [--help] [flags]")
+    kind = sys.argv[1] if len(sys.argv) > 1 else None
+    if kind not in KINDS:
+        if kind in ("-h", "--help"):
+            print(__doc__ + "\nusage: train.py {vae,dit} [--help] [flags]")
             sys.exit(0)
-        utils.die("usage: train.py {vae,dit} [flags]; see train.py vae --help")
-    argv = sys.argv[2:]
-    if "--preset" not in argv and not any(a.startswith("--preset=") for a in argv) and not {"-h", "--help"} & set(argv):
-        argv = ["--preset", "gpu" if torch.cuda.is_available() else "cpu"] + argv
+        utils.die("usage: train.py {vae,dit} [flags]; see train.py vae --help or train.py dit --help")
     cfg = utils.parse_config(
-        TrainConfig, argv, presets=PRESETS[kind], description=f"train.py {kind}: " + __doc__.splitlines()[0]
+        KINDS[kind][0],
+        sys.argv[2:],
+        presets=PRESETS[kind],
+        default_preset="gpu" if torch.cuda.is_available() else "cpu",
+        description=f"train.py {kind}: " + __doc__.splitlines()[0],
     )
     main(kind, cfg)

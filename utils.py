@@ -7,6 +7,7 @@ training and generation code runs on a bare GPU image (cv2 is imported lazily).
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import random
 import sys
@@ -26,40 +27,38 @@ def arg(default, help, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
-def parse_config(cls, argv=None, presets=None, description=None, positional=None):
+def parse_config(cls, argv=None, presets=None, default_preset=None, description=None, positional=None):
     """Build a CLI from a config dataclass: every field becomes --hyphenated-flag.
 
-    presets: {name: {field: value}} applied before explicit flags, so a flag given
-    on the command line always wins over the preset (nothing is silently overwritten).
+    presets: {name: {field: value}}; the one chosen by --preset (else default_preset) is applied
+    before explicit flags, so a flag on the command line always wins over the preset, and
+    --help shows the defaults that really apply: the preset's values over the dataclass's.
     positional: optional (name, choices, help) for a leading positional argument.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((v for k, v in zip(argv, argv[1:]) if k == "--preset"), None)
+    chosen = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), chosen) or default_preset
+    preset = (presets or {}).get(chosen, {})
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if positional:
         p.add_argument(positional[0], choices=positional[1], help=positional[2])
     if presets:
-        p.add_argument("--preset", choices=sorted(presets), default=None, help="preset of defaults")
+        h = f"preset of defaults (default: {default_preset})" if default_preset else "preset of defaults"
+        p.add_argument("--preset", choices=sorted(presets), default=None, help=h)
     for f in dataclasses.fields(cls):
         name = "--" + f.name.replace("_", "-")
-        h = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        h = f"{f.metadata.get('help', '')} (default: {preset.get(f.name, default)})"
         if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=f"{h} (default: {default})")
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            if typ in (int, float, str):
-                p.add_argument(
-                    name, type=typ, default=None, help=f"{h} (default: {default})", choices=f.metadata.get("choices")
-                )
-            else:
+            if typ not in (int, float, str):
                 raise TypeError(f"unsupported field type {f.type} for {f.name}")
+            p.add_argument(name, type=typ, default=None, help=h, choices=f.metadata.get("choices"))
     ns = p.parse_args(argv)
-    values = {}
-    if presets and ns.preset:
-        values.update(presets[ns.preset])
-    for f in dataclasses.fields(cls):
-        v = getattr(ns, f.name)
-        if v is not None:
-            values[f.name] = v
+    values = dict(preset)
+    values.update({f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name) is not None})
     cfg = cls(**values)
     if positional:
         return getattr(ns, positional[0]), cfg
@@ -113,6 +112,14 @@ def atomic_savez(path, **arrays):
     _atomic(path, write)
 
 
+def atomic_save_npy(path, array):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    _atomic(path, write)
+
+
 def atomic_write_text(path, text):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -121,8 +128,28 @@ def atomic_write_text(path, text):
     _atomic(path, write)
 
 
+# The checkpoint format. 2: the DiT's window length is "window" (version 1 called it "max_frames").
+CKPT_VERSION = 2
+
+
+def file_fingerprint(path):
+    """The first 16 hex digits of a file's sha256: names a VAE's latent cache (dataset.py)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def resolve_ckpt_path(path):
+    """A run directory means its ckpt.pt; a file path is returned as it is."""
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
 def load_checkpoint(path, kind=None):
-    """torch.load(weights_only=True) with a clear error for a missing, corrupt or wrong-kind file."""
+    """torch.load(weights_only=True) of a checkpoint file or run dir, with one-line errors for a missing,
+    corrupt, wrong-kind or too-new file. Older versions are brought up to date on load."""
+    path = resolve_ckpt_path(path)
     if not os.path.isfile(path):
         die(f"checkpoint not found: {path}")
     try:
@@ -134,7 +161,55 @@ def load_checkpoint(path, kind=None):
     found = ckpt["config"].get("kind")
     if kind is not None and found != kind:
         die(f"{path} is a {found!r} checkpoint, expected a {kind!r} checkpoint")
+    version = ckpt.get("version", 1)
+    if version > CKPT_VERSION:
+        die(f"{path} has checkpoint version {version}; this code reads up to {CKPT_VERSION} (update the code)")
+    if version < 2 and found == "dit" and "max_frames" in ckpt["config"]["model"]:
+        model = ckpt["config"]["model"]
+        model["window"] = model.pop("max_frames")
+    ckpt["version"] = CKPT_VERSION
     return ckpt
+
+
+def pick_device(flag, local_rank=0):
+    """--device auto | cpu | cuda | cuda:N -> torch.device; auto is CUDA when present. One line if CUDA is absent."""
+    if flag == "auto":
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    if flag == "cuda":  # under torchrun, each process takes its own GPU
+        flag = f"cuda:{local_rank}"
+    if flag.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {flag}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return torch.device(flag)
+    except RuntimeError:
+        die(f"--device {flag!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def psnr(a, b):
+    """PSNR in dB per frame between uint8 images: (..., H, W, 3) -> (...)."""
+    mse = np.square(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean(axis=(-3, -2, -1))
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+
+
+def write_video(path, frames, fps=15, scale=1):
+    """uint8 (N, H, W, 3) -> .mp4 / .gif / .npz (frames), atomically."""
+    frames = np.asarray(frames, dtype=np.uint8)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npz":
+        return atomic_savez(path, frames=frames)
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    import imageio.v2 as imageio
+
+    def write(tmp):
+        if ext == ".gif":
+            imageio.mimsave(tmp, list(frames), duration=1000 / fps, loop=0)
+        elif ext == ".mp4":
+            imageio.mimsave(tmp, list(frames), fps=fps, codec="libx264", quality=8, macro_block_size=1)
+        else:
+            raise ValueError(f"unknown video extension {ext!r}: use .mp4, .gif or .npz")
+
+    _atomic(path, write)
 
 
 # -----------------------------------------------------------------------------

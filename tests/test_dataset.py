@@ -1,4 +1,5 @@
-"""dataset.py: windows stay inside episodes, the split is deterministic and disjoint, latents, clear errors."""
+"""dataset.py: windows stay inside episodes, the DiT sees actions[j-1] at frame j, the split is deterministic and
+disjoint, the latent cache, clear errors."""
 
 import os
 import subprocess
@@ -11,7 +12,17 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dataset import PongDataset, list_episodes, load_episode, read_meta, split_episodes  # noqa: E402
+from dataset import (  # noqa: E402
+    PongDataset,
+    build_latent_cache,
+    latent_path,
+    list_episodes,
+    list_split,
+    load_episode,
+    prev_actions,
+    read_meta,
+    split_episodes,
+)
 from utils import atomic_savez, atomic_write_text  # noqa: E402
 
 LENGTHS = [12, 5, 9, 3, 20, 7, 15, 4, 11, 8]  # episode j has LENGTHS[j] frames
@@ -39,21 +50,35 @@ def rec(tmp_path):
 
 def test_windows_stay_inside_episodes(rec):
     T = 4
-    ds = PongDataset(rec, T, split="all")
+    ds = PongDataset(list_episodes(rec), T)
     assert len(ds) == sum(max(0, n - T + 1) for n in LENGTHS)
     seen = set()
     for i in range(len(ds)):
         item = ds[i]
         j, t = item["episode"], item["t_index"]
         assert item["frames"].shape == (T, 3, 16, 16) and item["frames"].dtype == torch.float32
-        assert item["actions"].dtype == torch.int64 and item["actions_onehot"].shape == (T, 6)
+        assert item["actions"].dtype == torch.int64 and item["prev_actions"].shape == (T, 6)
         assert (t == t[0] + torch.arange(T)).all() and t[-1] < LENGTHS[j]  # consecutive, inside episode j
         u8 = torch.round((item["frames"] + 1) * 127.5)  # back to the stored pixels
         assert (u8[:, 0] == j).all() and (u8[:, 1, 1, 1] == t).all()
         assert item["frames"].min() >= -1 and item["frames"].max() == 1
-        assert (item["actions"] == (t + j) % 6).all() and (item["actions_onehot"].argmax(1) == item["actions"]).all()
+        assert (item["actions"] == (t + j) % 6).all()
         seen.add((j, int(t[0])))
     assert len(seen) == len(ds)  # stride 1, every window once
+
+
+def test_the_dit_sees_the_action_that_led_to_each_frame(rec):
+    """Recorded actions[k] is taken after frame k; at frame j of a window the DiT is given actions[j-1]."""
+    ds = PongDataset(list_episodes(rec), 5)
+    batch = ds.sample(64, torch.Generator().manual_seed(0))
+    frames, acts, prev = batch["frames"], batch["actions"], batch["prev_actions"]
+    t = torch.round((frames[:, :, 1, 1, 1] + 1) * 127.5).long()  # (B, T) the frame index in its episode
+    j = torch.round((frames[:, :, 0, 1, 1] + 1) * 127.5).long()  # (B, T) the episode
+    assert ((t[:, 1:] - t[:, :-1]) == 1).all() and (j == j[:, :1]).all()  # never across an episode
+    assert (acts == (t + j) % 6).all()  # actions[k] is the one recorded with frame k
+    assert (prev[:, 0] == 0).all()  # the first frame of a window: unknown
+    assert (prev[:, 1:].argmax(-1) == (t[:, :-1] + j[:, :-1]) % 6).all() and (prev[:, 1:].sum(-1) == 1).all()
+    np.testing.assert_array_equal(prev_actions(torch.tensor([[3, 1, 4]])).argmax(-1), [[0, 3, 1]])
 
 
 def test_split_is_deterministic_and_disjoint(rec):
@@ -61,30 +86,35 @@ def test_split_is_deterministic_and_disjoint(rec):
     train, val = split_episodes(files, 0.2)
     assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == files
     assert split_episodes(list(reversed(files)), 0.2) == (train, val)
-    tr_ds, va_ds = PongDataset(rec, 3, "train", 0.2), PongDataset(rec, 3, "val", 0.2)
+    tr, va, size = list_split(rec, 0.2)
+    assert (tr, va, size) == (train, val, 16)
+    tr_ds, va_ds = PongDataset(tr, 3), PongDataset(va, 3)
     assert {tr_ds[i]["episode"] for i in range(len(tr_ds))}.isdisjoint({va_ds[i]["episode"] for i in range(len(va_ds))})
     assert split_episodes(files[:1], 0.5) == (files[:1], [])  # one episode: all train
     assert split_episodes(files[:2], 0.1)[1] != []  # two: one goes to val
+    assert list_split(f"{rec},{rec}", 0.2, max_episodes=3)[0] == 2 * split_episodes(files[:3], 0.2)[0]
 
 
-def test_latents_instead_of_frames(rec, tmp_path):
-    lat_dir = tmp_path / "latents"
-    lat_dir.mkdir()
-    for j, n in enumerate(LENGTHS):
-        lat = np.zeros((n, 4, 2, 2), np.float16) + np.arange(n, dtype=np.float16)[:, None, None, None]
-        np.save(lat_dir / f"episode_{j:05d}.npy", lat + j * 100)
-    ds = PongDataset(rec, 5, split="all", latent_dir=str(lat_dir))
-    assert ds.data[0].dtype == np.float16
+def test_latent_cache(rec):
+    files = list_episodes(rec)
+    encode = lambda frames: torch.from_numpy(frames[:, :2, :2, :].astype(np.float32)).permute(0, 3, 1, 2)
+    build_latent_cache(files, "abc", encode, chunk=4)  # chunked: episodes longer than 4 frames span chunks
+    ds = PongDataset(files, 5, latents="abc", scale=0.5)
+    assert ds.data.dtype == torch.float32 and ds.data.shape[1:] == (3, 2, 2)
     for i in range(0, len(ds), 3):
         item = ds[i]
-        assert "frames" not in item and item["latents"].shape == (5, 4, 2, 2) and item["latents"].dtype == torch.float32
-        assert (item["latents"][:, 0, 0, 0] == item["t_index"].float() + 100 * item["episode"]).all()
-    np.save(lat_dir / "episode_00000.npy", np.zeros((3, 4, 2, 2), np.float16))
+        assert "frames" not in item and item["latents"].shape == (5, 3, 2, 2)
+        assert (item["latents"][:, 1, 0, 0] == 0.5 * item["t_index"].float()).all()  # scaled channel 1 = t
+        assert (item["latents"][:, 0, 0, 0] == 0.5 * item["episode"]).all()
+    mtime = os.path.getmtime(latent_path(files[0], "abc"))
+    build_latent_cache(files, "abc", lambda f: 1 / 0)  # all cached: nothing is encoded again
+    assert os.path.getmtime(latent_path(files[0], "abc")) == mtime
+    np.save(latent_path(files[0], "abc"), np.zeros((3, 4, 2, 2), np.float16))
     with pytest.raises(ValueError, match="episode_00000.npy"):
-        PongDataset(rec, 5, split="all", latent_dir=str(lat_dir))
-    os.remove(lat_dir / "episode_00000.npy")
+        PongDataset(files, 5, latents="abc")
+    os.remove(latent_path(files[0], "abc"))
     with pytest.raises(FileNotFoundError, match="episode_00000.npy"):
-        PongDataset(rec, 5, split="all", latent_dir=str(lat_dir))
+        PongDataset(files, 5, latents="abc")
 
 
 def test_errors_name_the_file(rec, tmp_path):
@@ -92,7 +122,7 @@ def test_errors_name_the_file(rec, tmp_path):
         list_episodes(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
-        PongDataset(str(tmp_path / "empty"), 4)
+        list_split(str(tmp_path / "empty"))
     bad = os.path.join(rec, "episode_00003.npz")
     with open(bad, "wb") as f:
         f.write(b"not a zip file")
@@ -100,7 +130,7 @@ def test_errors_name_the_file(rec, tmp_path):
         with pytest.raises(ValueError, match="episode_00003.npz"):
             load_episode(bad, frames=frames)
     with pytest.raises(ValueError, match="episode_00003.npz"):
-        PongDataset(rec, 4)
+        PongDataset(list_episodes(rec), 4)
     np.savez(bad, frames=np.zeros((3, 8, 8, 3), np.uint8), actions=np.zeros(2, np.int64))
     with pytest.raises(ValueError, match="episode_00003.npz.*missing"):
         load_episode(bad)
@@ -110,10 +140,10 @@ def test_errors_name_the_file(rec, tmp_path):
 
 
 def test_cli_bench_and_error(rec):
-    p = subprocess.run([sys.executable, "dataset.py", rec, "--bench", "--items", "50", "--seq-len", "3"], cwd=ROOT,
+    p = subprocess.run([sys.executable, "dataset.py", rec, "--bench", "--items", "50", "--window", "3"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode == 0, p.stderr
-    assert "items/s single" in p.stdout and "DataLoader" in p.stdout
+    assert "items/s single" in p.stdout and "DataLoader" in p.stdout and "ds.sample" in p.stdout
     p = subprocess.run([sys.executable, "dataset.py", rec + "_missing"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "_missing" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1

@@ -5,7 +5,7 @@ import torch
 
 from dit import DEFAULT_MODEL, CUDAGraphRunner, DiT, DiT_models, flops_per_frame
 
-KW = dict(input_h=4, input_w=6, in_channels=4, action_dim=6, max_frames=8)
+KW = dict(input_h=4, input_w=6, in_channels=4, action_dim=6, window=8)
 B, T = 2, 6
 
 
@@ -31,7 +31,7 @@ def perturbed(seed=0, **kw):
 def test_registry_and_config():
     assert DEFAULT_MODEL in DiT_models and {"tiny", "S", "B"} <= set(DiT_models)
     m = DiT_models["tiny"](**KW)
-    assert (m.hidden_size, m.depth, m.num_heads, m.input_h, m.max_frames) == (64, 2, 2, 4, 8)
+    assert (m.hidden_size, m.depth, m.num_heads, m.input_h, m.window) == (64, 2, 2, 4, 8)
     rebuilt = DiT(**m.config)
     assert rebuilt.config == m.config
     rebuilt.load_state_dict(m.state_dict())  # strict: same architecture
@@ -94,7 +94,7 @@ def test_incremental_generation_equals_full_forward():
     full = model(x, t, a)
     cache = model.new_cache()
     for j in range(T - 1):  # commit the context frame by frame
-        out = model.forward_cached(*span(x, t, a, j), cache, commit=True)
+        out = model.forward_cached(*span(x, t, a, j), cache, keep=True)
         assert torch.allclose(out, full[:, j : j + 1], atol=1e-5)
     assert len(cache) == T - 1 and cache.offset == T - 1
     # denoising steps of the new frame at other noise levels: uncommitted, the cache stays put
@@ -112,7 +112,7 @@ def test_context_in_one_chunk_equals_full_forward():
     x, t, a = inputs()
     full = model(x, t, a)
     cache = model.new_cache()
-    ctx = model.forward_cached(*span(x, t, a, 0, 4), cache, commit=True)
+    ctx = model.forward_cached(*span(x, t, a, 0, 4), cache, keep=True)
     rest = model.forward_cached(*span(x, t, a, 4, T), cache)
     assert torch.allclose(torch.cat((ctx, rest), 1), full, atol=1e-5)
 
@@ -124,7 +124,7 @@ def test_sliding_window_after_trim_equals_window_forward():
     keep = 4
     cache = model.new_cache()
     for j in range(9):
-        model.forward_cached(*span(x, t, a, j), cache, commit=True)
+        model.forward_cached(*span(x, t, a, j), cache, keep=True)
         model.trim_cache(cache, keep)
         assert len(cache) == min(j + 1, keep) and cache.offset == len(cache)  # positions restart at a trim
     out = model.forward_cached(*span(x, t, a, 9), cache)
@@ -158,7 +158,7 @@ def test_streaming_trim_keeps_positions():
     model = perturbed()
     x, t, a = inputs(t=8)
     cache = model.new_cache()
-    model.forward_cached(*span(x, t, a, 0, 6), cache, commit=True)
+    model.forward_cached(*span(x, t, a, 0, 6), cache, keep=True)
     model.trim_cache(cache, 2, exact=False)
     assert len(cache) == 2 and cache.offset == 6 and cache.x.shape[1] == 2
     assert model.forward_cached(*span(x, t, a, 6, 8), cache).shape == (B, 2, 4, 4, 6)
@@ -175,8 +175,8 @@ def sliding_generation(model, x, t, a, runner=None):
             )
             outs.append(out)
         model.queue(cache, *span(x, t, a, j))
-        if len(cache) >= model.max_frames:
-            model.trim_cache(cache, model.max_frames // 2)
+        if len(cache) >= model.window:
+            model.trim_cache(cache, model.window // 2)
     return torch.cat(outs, 1)
 
 
@@ -201,7 +201,7 @@ class EagerRunner(CUDAGraphRunner):
 def test_graph_runner_replays_a_few_states():
     """The runner keys each pass by cache state, copies inputs in and commits afterwards: same outputs, and
     with exact trims (positions restart at 0) a long rollout needs only a handful of captured states."""
-    model = perturbed(max_frames=6)
+    model = perturbed(window=6)
     x, t, a = inputs(t=40)
     runner, short = EagerRunner(model), EagerRunner(model)
     assert torch.allclose(sliding_generation(model, x, t, a, runner), sliding_generation(model, x, t, a), atol=1e-6)
@@ -212,7 +212,7 @@ def test_graph_runner_replays_a_few_states():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
 def test_cuda_graph_runner_equals_eager():
-    model = perturbed(max_frames=6).cuda()
+    model = perturbed(window=6).cuda()
     x, t, a = (v.cuda() for v in inputs(t=20))
     runner = CUDAGraphRunner(model)
     assert torch.allclose(sliding_generation(model, x, t, a, runner), sliding_generation(model, x, t, a), atol=1e-4)

@@ -16,6 +16,8 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 import dataset  # noqa: E402
 import evaluate  # noqa: E402
+import metrics  # noqa: E402
+import utils  # noqa: E402
 
 
 def run(*args, check=True):
@@ -50,29 +52,29 @@ def heldout(tmp_path_factory):
     )
     torch.manual_seed(0)
     vae = build_vae("pong", ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8)
-    dit = DiT_models["tiny"](input_h=4, input_w=4, max_frames=4)
+    dit = DiT_models["tiny"](input_h=4, input_w=4, window=4)
     vae_cfg = {"kind": "vae", "model": vae.config, "scaling_factor": 1.0}
-    dit_cfg = {"kind": "dit", "model": dit.config, "latent_scale": 1.0, "vae_path": "vae.pt", "frame_size": 32}
+    dit_cfg = {"kind": "dit", "model": dit.config, "latent_scale": 1.0, "vae_path": "vae.pt"}
     for name, m, cfg in (("vae.pt", vae, vae_cfg), ("dit.pt", dit, dit_cfg)):
         sd = m.state_dict()
-        torch.save({"model": sd, "ema": sd, "optimizer": {}, "step": 3, "config": cfg, "version": 1}, d / name)
+        torch.save(
+            {"model": sd, "ema": sd, "optimizer": {}, "step": 3, "config": cfg, "version": utils.CKPT_VERSION}, d / name
+        )
     eps = [dataset.load_episode(f) for f in dataset.list_episodes(data)]
     return {"dir": d, "data": data, "dit": str(d / "dit.pt"), "vae": str(d / "vae.pt"), "eps": eps}
 
 
 def test_ssim_identical_is_one_and_noise_lowers_it(heldout):
     frames = heldout["eps"][0]["frames"][:6].reshape(2, 3, 32, 32, 3)  # any leading dims
-    assert evaluate.ssim(frames, frames).shape == (2, 3)
-    np.testing.assert_allclose(evaluate.ssim(frames, frames), 1.0, atol=1e-12)
+    assert metrics.ssim(frames, frames).shape == (2, 3)
+    np.testing.assert_allclose(metrics.ssim(frames, frames), 1.0, atol=1e-12)
     rng = np.random.default_rng(0)
     noisy = lambda s: np.clip(frames + rng.normal(0, s, frames.shape), 0, 255).astype(np.uint8)
     weak, strong = noisy(8), noisy(40)
-    mild, bad = evaluate.ssim(frames, weak), evaluate.ssim(frames, strong)
+    mild, bad = metrics.ssim(frames, weak), metrics.ssim(frames, strong)
     assert (mild < 0.999).all() and (bad < mild).all()
-    np.testing.assert_allclose(evaluate.ssim(weak, frames), mild, atol=1e-12)  # symmetric
-    assert (
-        evaluate.psnr(frames, frames).min() > 99 and (evaluate.psnr(frames, strong) < evaluate.psnr(frames, weak)).all()
-    )
+    np.testing.assert_allclose(metrics.ssim(weak, frames), mild, atol=1e-12)  # symmetric
+    assert utils.psnr(frames, frames).min() > 99 and (utils.psnr(frames, strong) < utils.psnr(frames, weak)).all()
 
 
 def test_score_detectors_find_the_recorded_points(heldout):
@@ -83,13 +85,13 @@ def test_score_detectors_find_the_recorded_points(heldout):
     for ep in heldout["eps"]:
         frames, rewards = ep["frames"], ep["rewards"]
         # rewards[k] belongs to the step that produced frames[k]; a point needs GONE frames after it to be seen
-        points = [(k, int(rewards[k] > 0)) for k in np.nonzero(rewards)[0] if k + 2 + evaluate.GONE < len(frames)]
+        points = [(k, int(rewards[k] > 0)) for k in np.nonzero(rewards)[0] if k + 2 + metrics.GONE < len(frames)]
         n_points += len(points)
         for digits in (False, True):
-            found = evaluate.score_events(frames, utils.detect_objects(frames), digits=digits)
+            found = metrics.score_events(frames, utils.detect_objects(frames), digits=digits)
             found = [e for e in found if e[0] > 1]  # frames[0] is the reset screen, drawn differently
-            assert evaluate.match_events(points, found) == len(points), (digits, points, found)
-            assert evaluate.match_events(found, points) == len(found), (digits, points, found)  # no false events
+            assert metrics.match_events(points, found) == len(points), (digits, points, found)
+            assert metrics.match_events(found, points) == len(found), (digits, points, found)  # no false events
     assert n_points >= 2, "the recording should contain points; change its seed"
 
 
@@ -123,8 +125,8 @@ def test_perfect_model_scores_perfectly(heldout, prompt):
     points = evaluate.spread(eps, prompt - 1, T, 12)
     cfg = evaluate.EvalConfig(batch=5)
     gen = evaluate.run(Oracle(eps, points), eps, points, prompt, T, evaluate.recorded(eps, T), cfg, "oracle")
-    real = evaluate.window(eps, points, 0, T + 1)
-    m = evaluate.rollout_block(real, np.concatenate([real[:, :1], gen], 1), [1, 8, T])
+    real = evaluate.take(eps, points, 0, T + 1)
+    m = metrics.rollout_block(real, np.concatenate([real[:, :1], gen], 1), [1, 8, T])
     assert min(m["psnr_curve"]) > 99
     assert m["ball_presence"] == 1.0 and m["ball_spurious"] == 0.0
     assert all(v == 0 for k in ("ball", "player", "opponent") for v in m[f"{k}_error_px"].values() if np.isfinite(v))

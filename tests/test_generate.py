@@ -11,7 +11,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import generate  # noqa: E402
+import engine  # noqa: E402
+import utils  # noqa: E402
 from dit import DiT_models  # noqa: E402
 from uvit_vae import build_vae  # noqa: E402
 
@@ -32,14 +33,14 @@ def randomize(model, seed):
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("gen")
     vae = randomize(build_vae("pong", ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8), 0)
-    dit = randomize(DiT_models["tiny"](input_h=S // 8, input_w=S // 8, max_frames=4), 1)
+    dit = randomize(DiT_models["tiny"](input_h=S // 8, input_w=S // 8, window=4), 1)
     sd = lambda m: {k: v.clone() for k, v in m.state_dict().items()}
     vae_ck = {
         "model": sd(vae),
         "ema": sd(vae),
         "optimizer": {},
         "step": 0,
-        "version": 1,
+        "version": utils.CKPT_VERSION,
         "config": {"kind": "vae", "model": vae.config, "scaling_factor": 1.0},
     }
     dit_ck = {
@@ -47,8 +48,8 @@ def ckpts(tmp_path_factory):
         "ema": sd(dit),
         "optimizer": {},
         "step": 0,
-        "version": 1,
-        "config": {"kind": "dit", "model": dit.config, "latent_scale": 1.0, "vae_path": "vae.pt", "frame_size": S},
+        "version": utils.CKPT_VERSION,
+        "config": {"kind": "dit", "model": dit.config, "latent_scale": 1.0, "vae_path": "vae.pt"},
     }
     torch.save(vae_ck, d / "vae.pt")
     torch.save(dit_ck, d / "dit.pt")
@@ -69,17 +70,20 @@ def ckpts(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("window", ["exact", "chunk"])
-def test_cached_equals_naive_past_the_window(ckpts, window):
+def make_engine(ckpts, naive=False, **kw):
+    """engine.load_world_model on the tiny checkpoints; kw: ModelConfig fields (steps, seed, slide, ...)."""
+    return engine.load_world_model(engine.ModelConfig(ckpt=str(ckpts / "dit.pt"), **kw), "cpu", naive=naive)
+
+
+@pytest.mark.parametrize("slide", ["exact", "chunk"])
+def test_cached_equals_naive_past_the_window(ckpts, slide):
     """10 frames with a 4-frame window: the cache is trimmed and re-encoded several times."""
     prompt = np.load(ckpts / "episode_00000.npz")["frames"][:2]
     actions = torch.tensor([1, 2, 3, 2, 2, 3, 3, 0, 4, 5, 1])
     out = {}
     for cached in (True, False):
-        engine = generate.WorldModel.from_checkpoint(
-            str(ckpts / "dit.pt"), device="cpu", steps=3, context_noise=20, cached=cached, seed=7, window=window
-        )
-        out[cached] = engine.rollout(prompt, actions)
+        eng = make_engine(ckpts, naive=not cached, steps=3, context_noise=20, seed=7, slide=slide)
+        out[cached] = eng.rollout(prompt, actions)
     assert out[True].shape == (12, S, S, 3)
     assert not np.array_equal(out[True][2], out[True][3])  # it generated something that changes
     np.testing.assert_allclose(out[True].astype(int), out[False].astype(int), atol=1)
@@ -90,8 +94,7 @@ def test_stream_window_differs_from_exact_only_after_the_window(ckpts):
     actions = torch.tensor([1, 2, 3, 2, 2, 3, 3, 0])
     out = {}
     for w in ("exact", "stream"):
-        engine = generate.WorldModel.from_checkpoint(str(ckpts / "dit.pt"), device="cpu", steps=2, seed=3, window=w)
-        out[w] = engine.rollout(prompt, actions)
+        out[w] = make_engine(ckpts, steps=2, seed=3, slide=w).rollout(prompt, actions)
     np.testing.assert_allclose(
         out["exact"][:4].astype(int), out["stream"][:4].astype(int), atol=1
     )  # window not full yet
@@ -100,15 +103,14 @@ def test_stream_window_differs_from_exact_only_after_the_window(ckpts):
 def test_pipelined_decoding_gives_the_same_frames_one_call_late(ckpts):
     prompt = np.load(ckpts / "episode_00000.npz")["frames"][:1]
     actions = torch.tensor([1, 2, 3, 2, 2, 3, 3, 0])
-    make = lambda: generate.WorldModel.from_checkpoint(str(ckpts / "dit.pt"), device="cpu", steps=2, seed=5)
-    ref = make().rollout(prompt, actions)[1:]
-    engine = make()
-    engine.reset(prompt[None])
-    got = [engine.step_pipelined(actions[k : k + 1]) for k in range(len(actions))]
+    ref = make_engine(ckpts, steps=2, seed=5).rollout(prompt, actions)[1:]
+    eng = make_engine(ckpts, steps=2, seed=5)
+    eng.reset(prompt[None])
+    got = [eng.step_pipelined(actions[k : k + 1]) for k in range(len(actions))]
     assert got[0] is None
-    got = got[1:] + [engine.flush()]
+    got = got[1:] + [eng.flush()]
     np.testing.assert_array_equal(np.concatenate([f.numpy() for f in got]), ref)
-    assert engine.flush() is None
+    assert eng.flush() is None
 
 
 def test_action_guidance_scales_the_action_effect(ckpts):
@@ -117,11 +119,9 @@ def test_action_guidance_scales_the_action_effect(ckpts):
     first = {}
     for g in (0.0, 1.0, 3.0):
         for a in (2, 3):
-            engine = generate.WorldModel.from_checkpoint(
-                str(ckpts / "dit.pt"), device="cpu", steps=2, seed=1, guidance=g
-            )
-            engine.reset(prompt[None])
-            first[g, a] = engine.step_latent(torch.tensor([a]))
+            eng = make_engine(ckpts, steps=2, seed=1, guidance=g)
+            eng.reset(prompt[None])
+            first[g, a] = eng.step_latent(torch.tensor([a]))
     assert torch.equal(first[0.0, 2], first[0.0, 3])
     gap = {g: (first[g, 2] - first[g, 3]).abs().mean().item() for g in (1.0, 3.0)}
     assert 0 < gap[1.0] < gap[3.0]
@@ -212,12 +212,15 @@ def test_bad_inputs_get_one_line(ckpts, tmp_path):
     ck = torch.load(ckpts / "dit.pt", weights_only=True)
     ck["config"]["vae_path"] = "/nowhere/vae.pt"
     torch.save(ck, lonely)
+    ck = torch.load(ckpts / "dit.pt", weights_only=True)
+    torch.save({**ck, "version": utils.CKPT_VERSION + 1}, tmp_path / "future.pt")
     cases = {
         "(T, 6)": with_(actions=str(tmp_path / "dim.pt")),
         "[0, 6)": with_(actions=str(tmp_path / "range.pt")),
         "not a readable image": with_(prompt=str(tmp_path / "bad.png")),
         "expected a 'dit' checkpoint": with_(ckpt=str(ckpts / "vae.pt")),
         "cannot find the VAE": with_(ckpt=str(lonely)),
+        "this code reads up to": with_(ckpt=str(tmp_path / "future.pt")),
         "--cuda-graph needs a CUDA device": base + ["--cuda-graph", "--device", "cpu"],
     }
     for needle, args in cases.items():
@@ -226,6 +229,19 @@ def test_bad_inputs_get_one_line(ckpts, tmp_path):
         assert "Traceback" not in p.stderr, p.stderr
         assert needle in p.stderr, (needle, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_version_1_checkpoint_loads_as_version_2(ckpts, tmp_path):
+    """Version 1 called the window length max_frames: such a run still loads, and generates the same frames."""
+    ck = torch.load(ckpts / "dit.pt", weights_only=True)
+    model = dict(ck["config"]["model"])
+    model["max_frames"] = model.pop("window")
+    torch.save({**ck, "version": 1, "config": {**ck["config"], "model": model}}, tmp_path / "dit.pt")
+    (tmp_path / "vae.pt").write_bytes((ckpts / "vae.pt").read_bytes())
+    prompt, actions = np.load(ckpts / "episode_00000.npz")["frames"][:1], torch.tensor([1, 2, 3, 2, 2, 3])
+    old = engine.load_world_model(engine.ModelConfig(ckpt=str(tmp_path / "dit.pt"), seed=2), "cpu")
+    assert old.window == 4 and utils.load_checkpoint(str(tmp_path / "dit.pt"))["config"]["model"]["window"] == 4
+    np.testing.assert_array_equal(old.rollout(prompt, actions), make_engine(ckpts, seed=2).rollout(prompt, actions))
 
 
 def test_cli_accepts_several_prompt_frames(ckpts, tmp_path):

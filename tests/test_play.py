@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    dit = DiT_models["tiny"](input_h=4, input_w=4, max_frames=4)
+    dit = DiT_models["tiny"](input_h=4, input_w=4, window=4)
     vae = build_vae("pong", ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=4)
     with torch.no_grad():  # adaLN-Zero makes a fresh DiT output 0 whatever the input; randomise it
         for p in dit.parameters():
@@ -47,10 +47,10 @@ def tiny(tmp_path_factory):
         sd = m.state_dict()
         config = {"kind": name, "model": m.config}
         if name == "dit":
-            config.update(latent_scale=1.0, vae_path="vae.pt", frame_size=32)
+            config.update(latent_scale=1.0, vae_path="vae.pt")
         else:
             config.update(scaling_factor=1.0)
-        ck = {"model": sd, "ema": sd, "optimizer": {}, "step": 0, "version": 1, "config": config}
+        ck = {"model": sd, "ema": sd, "optimizer": {}, "step": 0, "version": utils.CKPT_VERSION, "config": config}
         torch.save(ck, d / f"{name}.pt")
     prompt = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     cv2.imwrite(str(d / "prompt.png"), prompt)
@@ -61,10 +61,10 @@ def play(tiny, *args, **kw):
     return run("play.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(tiny / "prompt.png"), *args, **kw)
 
 
-def replay(tiny, out, actions, seed, steps, frames, window, prompt=None):
+def replay(tiny, out, actions, seed, steps, frames, slide, prompt=None):
     run("generate.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(prompt or tiny / "prompt.png"),
         "--actions", str(actions), "--seed", str(seed), "--steps", str(steps), "--frames", str(frames),
-        "--window", window, "--out", str(out))  # fmt: skip
+        "--slide", slide, "--out", str(out))  # fmt: skip
     return np.load(out)["frames"]
 
 
@@ -73,10 +73,10 @@ def test_headless_prints_frames_per_second(tiny):
     assert "played 5 frames at" in r.stdout and "frames/s (cpu, steps 2)" in r.stdout, r.stdout
 
 
-@pytest.mark.parametrize("window", ["chunk", "exact"])  # generate.py's default, and another
-def test_record_replays_through_generate(tiny, tmp_path, window):
+@pytest.mark.parametrize("slide", ["chunk", "exact"])  # generate.py's default, and another
+def test_record_replays_through_generate(tiny, tmp_path, slide):
     out = tmp_path / "game.mp4"
-    args = ["--frames", "8", "--steps", "2", "--seed", "3", "--window", window, "--policy", "random"]
+    args = ["--frames", "8", "--steps", "2", "--seed", "3", "--slide", slide, "--policy", "random"]
     play(tiny, "--headless", *args, "--record", str(out))  # 8 frames: the 4-frame window moves several times
     assert out.stat().st_size > 0 and (tmp_path / "game.prompt.png").is_file()
     actions = torch.load(tmp_path / "game.actions.pt", weights_only=True)
@@ -85,10 +85,10 @@ def test_record_replays_through_generate(tiny, tmp_path, window):
     played = rec["frames"]
     assert played.shape == (9, 32, 32, 3) and played.dtype == np.uint8
     assert np.array_equal(rec["actions"], actions.numpy())
-    again = replay(tiny, tmp_path / "replay.npz", tmp_path / "game.actions.pt", 3, 2, 9, window)
+    again = replay(tiny, tmp_path / "replay.npz", tmp_path / "game.actions.pt", 3, 2, 9, slide)
     assert np.array_equal(again, played)
     # the equality means something: other actions, or another seed, give other frames
-    from generate import WorldModel, read_prompt
+    from engine import ModelConfig, load_world_model, read_prompt
 
     prompt = read_prompt(str(tiny / "prompt.png"), 32)
     assert np.array_equal(read_prompt(str(tmp_path / "game.prompt.png"), 32), prompt)  # a self-contained recording
@@ -96,7 +96,7 @@ def test_record_replays_through_generate(tiny, tmp_path, window):
     torch.set_num_threads(1)
     try:
         for seed, a in ((3, (actions + 1) % utils.NUM_ACTIONS), (4, actions)):
-            engine = WorldModel.from_checkpoint(str(tiny / "dit.pt"), steps=2, seed=seed, window=window)
+            engine = load_world_model(ModelConfig(ckpt=str(tiny / "dit.pt"), steps=2, seed=seed, slide=slide), "cpu")
             assert not np.array_equal(engine.rollout(prompt, a), played)
     finally:
         torch.set_num_threads(threads)
@@ -105,9 +105,9 @@ def test_record_replays_through_generate(tiny, tmp_path, window):
 def test_restart_replays_the_same_game(tiny):
     """R: the model starts again from the prompt with the seed's noise, so each game replays on its own."""
     import play
-    from generate import WorldModel, read_prompt
+    from engine import ModelConfig, load_world_model, read_prompt
 
-    engine = WorldModel.from_checkpoint(str(tiny / "dit.pt"), steps=1, seed=7)
+    engine = load_world_model(ModelConfig(ckpt=str(tiny / "dit.pt"), steps=1, seed=7), "cpu")
     game = play.Game(engine, read_prompt(str(tiny / "prompt.png"), 32), keep=True)
     keys = [2, 3, 0, 1, 5, 4, 2]
     for a in keys:

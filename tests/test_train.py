@@ -12,6 +12,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train import PRESETS  # noqa: E402
+
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -87,7 +90,7 @@ def test_tiny_pipeline_writes_checkpoints(pipeline):
 
 @pytest.mark.parametrize("kind", ["vae", "dit"])
 def test_overfit_one_batch_halves_the_loss(pipeline, kind, tmp_path):
-    extra = ["--vae", pipeline["vae"]] if kind == "dit" else []
+    extra = ["--vae", pipeline["vae"], "--sample-every", "0"] if kind == "dit" else []
     p = run(
         "train.py",
         kind,
@@ -106,8 +109,6 @@ def test_overfit_one_batch_halves_the_loss(pipeline, kind, tmp_path):
         "1000",
         "--save-every",
         "1000",
-        "--sample-every",
-        "0",
         "--lr",
         "3e-3",
         "--warmup",
@@ -279,6 +280,42 @@ def test_bad_inputs(pipeline, tmp_path):
     one_line_error(p, "'vae'")
 
 
+def test_corrupt_episode_and_bad_init_are_one_line(pipeline, tmp_path):
+    """A truncated episode file in --data is named in one line (both kinds); so is an --init that does not fit."""
+    data = tmp_path / "data"
+    shutil.copytree(pipeline["data"], data)
+    ep = data / "episode_00001.npz"
+    ep.write_bytes(ep.read_bytes()[: ep.stat().st_size // 2])
+    p = run("train.py", "vae", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "v"), check=False)
+    one_line_error(p, "episode_00001.npz")
+    p = run("train.py", "dit", "--preset", "tiny", "--data", str(data), "--vae", pipeline["vae"],
+            "--out", str(tmp_path / "d"), check=False)  # fmt: skip
+    one_line_error(p, "episode_00001.npz")
+    ck = torch.load(os.path.join(pipeline["vae"], "ckpt.pt"), map_location="cpu", weights_only=True)
+    ck["ema"]["stray.weight"] = torch.zeros(1)
+    torch.save(ck, tmp_path / "odd.pt")
+    p = run("train.py", "vae", "--preset", "tiny", "--data", pipeline["data"], "--init", str(tmp_path / "odd.pt"),
+            "--out", str(tmp_path / "o"), check=False)  # fmt: skip
+    one_line_error(p, "--init")
+
+
+def test_help_shows_each_kind_its_own_options_and_real_defaults():
+    """train.py vae --help and dit --help list only their kind's flags, with the preset's values as defaults."""
+    default = "gpu" if torch.cuda.is_available() else "cpu"
+    vae, dit = (run("train.py", kind, "--help").stdout for kind in ("vae", "dit"))
+    tiny = run("train.py", "dit", "--preset", "tiny", "--help").stdout
+    # a flag's help line: after "options:", up to the next flag
+    flag = lambda text, name: " ".join(text.split("options:")[1].split(f"--{name} ", 1)[1].split("--", 1)[0].split())
+    assert "--fg-weight" in vae and "--decoder-only" in vae and "--window" not in vae and "--vae " not in vae
+    assert "--window" in dit and "--vae " in dit and "--fg-weight" not in dit and "--crop" not in dit
+    for kind, text in (("vae", vae), ("dit", dit)):  # the preset's steps, not the dataclass's 1000
+        assert f"(default: {PRESETS[kind][default]['steps']})" in flag(text, "steps")
+    assert f"(default: {PRESETS['vae'][default]['model']})" in flag(vae, "model")
+    assert f"(default: {PRESETS['dit'][default]['window']})" in flag(dit, "window")
+    assert "(default: 4)" in flag(tiny, "window") and "(default: tiny)" in flag(tiny, "model")
+    assert f"(default: {default})" in flag(dit, "preset")
+
+
 def test_decoder_finetune_keeps_the_encoder(pipeline, tmp_path):
     """--init + --decoder-only: the encoder (so the latents a DiT learned) is untouched, the decoder learns."""
     out = str(tmp_path / "ft")
@@ -298,7 +335,7 @@ def test_decoder_finetune_keeps_the_encoder(pipeline, tmp_path):
 
 def test_lighter_decoder_keeps_the_encoder(pipeline, tmp_path):
     """--decoder lite: a new, smaller decoder learns against the frozen encoder; generation loads it."""
-    from generate import load_vae
+    from engine import load_vae
 
     out = str(tmp_path / "lite")
     args = ["train.py", "vae", "--preset", "tiny", "--data", pipeline["data"], "--wandb", "disabled"]

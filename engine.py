@@ -1,0 +1,323 @@
+"""The world model as a game engine: rebuild a trained DiT and VAE from their checkpoints, then
+reset() with prompt frames and step(actions) to get the next frames, with no emulator in the loop.
+
+    engine = load_world_model(ModelConfig(), "cpu")      # the bundled model
+    engine.reset(prompt)                                  # uint8 (B, n, H, W, 3)
+    frames = engine.step(actions)                         # (B,) action indices -> uint8 (B, H, W, 3)
+
+generate.py, evaluate.py, play.py and bench.py use it; train.py uses it for its sample rollouts.
+Speed: the context frames' keys/values are cached, and each DDIM step runs only the new frame's
+tokens (plus, in the first step, the frames queued since: DiT.queue); step_pipelined() decodes the
+previous frame on a second thread. Oasis's sampler instead re-runs the whole window at every step:
+NaiveWorldModel does that, for comparison (bench.py) and for the equality test.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import utils
+from utils import arg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CKPT = os.path.join(HERE, "checkpoints", "pong_dit.pt")
+SAMPLE_DIR = os.path.join(HERE, "sample_data")
+
+# How the context window moves once it is full (its length is the DiT's `window`):
+#   exact  slide by one frame, re-encoding the kept frames (one window forward per frame);
+#          identical to a full forward over the last window-1 frames, like Oasis's sampler
+#   chunk  when full, keep the newest window//2 frames and re-encode them once; exact as well
+#          (each frame sees 'window//2 .. window-1' real context frames), amortised to ~1 pass/frame
+#   stream drop the oldest keys/values without re-encoding: O(1), but deeper keys still carry
+#          information from dropped frames, which training never showed the model
+SLIDES = ("exact", "chunk", "stream")
+
+
+@dataclass
+class ModelConfig:
+    """The world model and how it samples: the flags generate.py, evaluate.py and play.py share."""
+
+    ckpt: str = arg(DEFAULT_CKPT, "DiT checkpoint (train.py dit, or the bundled one)")
+    vae: str = arg("", "VAE checkpoint; default: the one the DiT checkpoint records")
+    steps: int = arg(2, "DDIM denoising steps per frame (2: as good as 4 or 8 on the shipped model, README)")
+    context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
+    guidance: float = arg(1.0, "classifier-free guidance scale on the action (1: off; >1 costs a second DiT pass)")
+    slide: str = arg("chunk", "how the context window moves once full (see engine.SLIDES)", choices=list(SLIDES))
+    device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
+    ema: bool = arg(True, "use the EMA weights")
+    cuda_graph: bool = arg(False, "CUDA only: replay each DiT pass from a captured CUDA graph (dit.CUDAGraphRunner)")
+    seed: int = arg(0, "random seed")
+
+
+THREADS_HELP = "CPU threads for each of the two stages (DiT, VAE decode); 0: half the cores each"
+
+
+def load_dit(path, device, ema=True):
+    """Rebuild the DiT from its checkpoint alone -> (model, checkpoint config)."""
+    from dit import DiT
+
+    ckpt = utils.load_checkpoint(path, kind="dit")
+    if not ema and "model" not in ckpt:
+        utils.die(f"--no-ema: {path} holds only the EMA weights")
+    model = DiT(**ckpt["config"]["model"])
+    model.load_state_dict({k: v.float() for k, v in ckpt["ema" if ema else "model"].items()})
+    return model.to(device).eval(), ckpt["config"]
+
+
+def find_vae(dit_path, config, override=""):
+    """The VAE a DiT was trained on: --vae, else the recorded path, else the same file name beside the DiT."""
+    if override:
+        return utils.resolve_ckpt_path(override)
+    recorded = config.get("vae_path", "")
+    here = os.path.dirname(os.path.abspath(utils.resolve_ckpt_path(dit_path)))
+    for p in (recorded, os.path.join(here, recorded), os.path.join(here, os.path.basename(recorded))):
+        if p and os.path.isfile(p):
+            return p
+    utils.die(f"cannot find the VAE of {dit_path} (recorded as {recorded!r}); pass --vae")
+
+
+def load_vae(path, device):
+    """Rebuild the VAE (EMA weights) from its checkpoint alone, with its latent scaling factor."""
+    from uvit_vae import AutoencoderKL
+
+    ckpt = utils.load_checkpoint(path, kind="vae")
+    vae = AutoencoderKL(**ckpt["config"]["model"])
+    vae.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
+    vae.scaling_factor = ckpt["config"]["scaling_factor"]
+    return vae.to(device, memory_format=torch.channels_last).eval()  # ~20% faster convolutions on CPU
+
+
+def load_world_model(cfg, device, naive=False, **overrides):
+    """A WorldModel from ModelConfig's fields (overrides: WorldModel keywords, e.g. steps)."""
+    if cfg.cuda_graph and torch.device(device).type != "cuda":
+        utils.die(f"--cuda-graph needs a CUDA device, not {device}")
+    if not os.path.isfile(utils.resolve_ckpt_path(cfg.ckpt)):
+        utils.die(f"--ckpt {cfg.ckpt}: no such file (train one with train.py dit, or use the bundled checkpoints/)")
+    dit, config = load_dit(cfg.ckpt, device, cfg.ema)
+    vae = load_vae(find_vae(cfg.ckpt, config, cfg.vae), device)
+    kw = dict(steps=cfg.steps, context_noise=cfg.context_noise, seed=cfg.seed, slide=cfg.slide)
+    kw |= dict(guidance=cfg.guidance, cuda_graph=cfg.cuda_graph) | overrides
+    return (NaiveWorldModel if naive else WorldModel)(dit, vae, config["latent_scale"], device, **kw)
+
+
+def set_threads(threads, device):
+    """CPU threads for each pipeline stage: the DiT (this thread) and the VAE decode (step_pipelined's worker).
+
+    At batch 1 the DiT's matmuls are too small to gain from a second thread, so on a
+    2-core CPU one thread per stage, running side by side, is the fastest split.
+    """
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(threads or max(1, torch.get_num_threads() // 2))
+
+
+def read_actions(path):
+    """A .pt of indices (T,) or one-hot (T, 6) -> int64 indices (T,), with one-line errors."""
+    if not os.path.isfile(path):
+        utils.die(f"--actions {path}: no such file")
+    try:
+        a = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        utils.die(f"--actions {path}: cannot read it ({type(e).__name__})")
+    if not isinstance(a, torch.Tensor):
+        utils.die(f"--actions {path}: expected a tensor, found {type(a).__name__}")
+    if a.ndim == 2:
+        if a.shape[1] != utils.NUM_ACTIONS:
+            utils.die(f"--actions {path}: one-hot actions need shape (T, {utils.NUM_ACTIONS}), found {tuple(a.shape)}")
+        a = a.argmax(dim=1)
+    elif a.ndim != 1:
+        utils.die(f"--actions {path}: expected shape (T,) or (T, {utils.NUM_ACTIONS}), found {tuple(a.shape)}")
+    if a.is_floating_point() and not torch.equal(a, a.round()):
+        utils.die(f"--actions {path}: action indices must be integers")
+    a = a.long()
+    if len(a) and (a.min() < 0 or a.max() >= utils.NUM_ACTIONS):
+        utils.die(
+            f"--actions {path}: actions must be in [0, {utils.NUM_ACTIONS}), found {a.min().item()}..{a.max().item()}"
+        )
+    return a
+
+
+def read_prompt(path, size):
+    """PNG/JPG of any size (resized as the recorder does) or .npz of uint8 frames -> (n, size, size, 3)."""
+    if not os.path.isfile(path):
+        utils.die(f"--prompt {path}: no such file")
+    if path.endswith(".npz"):
+        try:
+            frames = np.load(path)["frames"]
+        except Exception as e:  # noqa: BLE001
+            utils.die(f"--prompt {path}: cannot read frames ({type(e).__name__})")
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            utils.die(f"--prompt {path}: expected frames (n, H, W, 3), found {frames.shape}")
+        return np.stack([utils.resize_frame(f, size) if f.shape[0] != size else f for f in frames])
+    import cv2
+
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        utils.die(f"--prompt {path}: not a readable image")
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return utils.resize_frame(img, size)[None]
+
+
+class WorldModel:
+    """A playable Pong: reset() with prompt frames, then step(actions) returns the next frames."""
+
+    def __init__(
+        self, dit, vae, latent_scale, device, steps=2, context_noise=0, seed=0, slide="chunk", guidance=1.0,
+        cuda_graph=False,
+    ):  # fmt: skip
+        if slide not in SLIDES:
+            raise ValueError(f"slide must be one of {SLIDES}, found {slide!r}")
+        if cuda_graph and (torch.device(device).type != "cuda" or slide == "stream" or type(self) is not WorldModel):
+            raise ValueError("CUDA graphs need device cuda, the cached sampler and an exact or chunk slide")
+        self.dit, self.vae, self.scale, self.device = dit, vae, latent_scale, torch.device(device)
+        self.slide, self.guidance, self.context_noise = slide, float(guidance), int(context_noise)
+        self.cuda_graph, self.runner = cuda_graph, None
+        self.window = dit.window
+        self.ac = utils.alphas_cumprod_schedule().to(self.device)
+        ts = utils.ddim_timesteps(steps)
+        self.pairs = list(zip(ts[:-1], ts[1:]))
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self._pool = self._decoding = None  # step_pipelined's decode thread and its pending frame
+
+    @property
+    def frame_size(self):
+        return self.dit.input_h * self.vae.downsample_factor
+
+    @torch.no_grad()
+    def encode(self, frames):
+        """uint8 (B, n, H, W, 3) -> scaled latents (B, n, C, h, w)."""
+        x = torch.as_tensor(frames, device=self.device)
+        B, n = x.shape[:2]
+        x = x.flatten(0, 1).movedim(-1, 1).float().div(127.5).sub(1)
+        z = self.vae.encode(x).mean * self.scale
+        return z.unflatten(0, (B, n))
+
+    @torch.no_grad()
+    def decode(self, z):
+        """scaled latents (B, C, h, w) -> uint8 (B, H, W, 3)."""
+        x = self.vae.decode(z / self.scale)
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1)
+
+    def _onehot(self, actions):
+        return F.one_hot(torch.as_tensor(actions, device=self.device).long(), utils.NUM_ACTIONS).float()
+
+    def _noised_context(self, z):
+        if self.context_noise == 0:
+            return z
+        noise = torch.randn(z.shape, generator=self.gen, device=self.device)
+        return utils.q_sample(z, torch.full(z.shape[:2], self.context_noise, device=self.device), noise, self.ac)
+
+    @torch.no_grad()
+    def reset(self, prompt, prompt_actions=None):
+        """prompt uint8 (B, n, H, W, 3); prompt_actions (B, n-1) indices for the prompt's own transitions."""
+        prompt = np.asarray(prompt)
+        B, n = prompt.shape[:2]
+        self._decoding = None  # a frame of the previous game still decoding is dropped
+        z = self.encode(prompt)
+        a = torch.zeros(B, n, utils.NUM_ACTIONS, device=self.device)  # the first frame's action is unknown
+        if n > 1:
+            a[:, 1:] = self._onehot(prompt_actions)
+        self.B = B
+        ctx, a = self._noised_context(z)[:, -(self.window - 1) :], a[:, -(self.window - 1) :]
+        self._start(ctx, torch.full(ctx.shape[:2], self.context_noise, device=self.device, dtype=torch.long), a)
+
+    def _start(self, ctx, t, a):
+        """Hold the context (B, Tc, ...): queued, it is encoded with the first denoising step of the next frame."""
+        self.cache = self.dit.new_cache()
+        self.dit.queue(self.cache, ctx, t, a)
+        if self.cuda_graph:  # its graphs hold this cache's buffers
+            from dit import CUDAGraphRunner
+
+            self.runner = CUDAGraphRunner(self.dit)
+
+    def _predict(self, x, tt, a):
+        """The DiT's v for the new frame x (B, 1, C, h, w) at level tt (B, 1) after action a (B, 1, A)."""
+        return self.dit.forward_cached(x, tt, a, self.cache, runner=self.runner)
+
+    def _append(self, z, tt, a, keep):
+        """Add the finished frame to the context, then keep only its last `keep` frames."""
+        self.dit.queue(self.cache, z, tt, a)
+        self.dit.trim_cache(self.cache, keep, exact=self.slide != "stream")
+
+    def _context_len(self):
+        return len(self.cache)
+
+    @torch.no_grad()
+    def step_latent(self, actions):
+        """actions (B,) indices (the action taken after the last frame) -> the new frame's latent (B, C, h, w)."""
+        a = self._onehot(actions)[:, None]  # (B, 1, A)
+        C, h, w = self.dit.in_channels, self.dit.input_h, self.dit.input_w
+        x = torch.randn((self.B, 1, C, h, w), generator=self.gen, device=self.device)
+        tt = torch.empty(self.B, 1, dtype=torch.long, device=self.device)
+        for t, t_next in self.pairs:
+            tt.fill_(t)
+            v = self._predict(x, tt, a)
+            if self.guidance != 1.0:  # classifier-free guidance on the action ("unknown" = zeros, as in training)
+                v0 = self._predict(x, tt, torch.zeros_like(a))
+                v = v0 + self.guidance * (v - v0)
+            x = utils.ddim_step(x, v, t, t_next, self.ac)
+        keep = self.window - 1
+        if self._context_len() + 1 > keep and self.slide == "chunk":
+            keep = max(1, self.window // 2)
+        self._append(self._noised_context(x), tt.fill_(self.context_noise), a, keep)
+        return x[:, 0]
+
+    @torch.no_grad()
+    def step(self, actions):
+        """actions (B,) -> uint8 frames (B, H, W, 3), on the model's device."""
+        return self.decode(self.step_latent(actions))
+
+    def step_pipelined(self, actions):
+        """step(), one frame late: returns the previous call's frame (None at first) and starts decoding this one.
+
+        The VAE decodes frame k on a worker thread while the DiT makes frame k+1, so on a
+        CPU each keeps a core busy. The frames are exactly step()'s; flush() returns the last.
+        """
+        z = self.step_latent(actions)
+        prev = self.flush()
+        if self._pool is None:  # the worker uses as many intra-op threads as the caller (not torch's default)
+            self._pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        self._decoding = self._pool.submit(self.decode, z)
+        return prev
+
+    def flush(self):
+        """The frame still being decoded by step_pipelined(), or None."""
+        if self._decoding is None:
+            return None
+        frame = self._decoding.result()
+        self._decoding = None  # only now: an interrupted wait keeps the frame
+        return frame
+
+    @torch.no_grad()
+    def rollout(self, prompt, actions):
+        """prompt uint8 (n, H, W, 3); actions (T,) with actions[k] after frame k -> uint8 (T + 1, H, W, 3)."""
+        prompt = np.asarray(prompt)
+        n = len(prompt)
+        actions = torch.as_tensor(actions).long()
+        self.reset(prompt[None], actions[None, : n - 1] if n > 1 else None)
+        out = [torch.as_tensor(prompt)]
+        for k in range(n - 1, len(actions)):
+            out.append(self.step(actions[k : k + 1].to(self.device)).cpu())
+        return torch.cat(out).numpy()
+
+
+class NaiveWorldModel(WorldModel):
+    """Oasis's sampler: the whole context window runs again at every denoising step (no KV cache)."""
+
+    def _start(self, ctx, t, a):
+        self.ctx, self.ctx_t, self.ctx_a = ctx, t, a  # (B, Tc, ...) the model's context
+
+    def _predict(self, x, tt, a):
+        full = self.dit(torch.cat([self.ctx, x], 1), torch.cat([self.ctx_t, tt], 1), torch.cat([self.ctx_a, a], 1))
+        return full[:, -1:]
+
+    def _append(self, z, tt, a, keep):
+        self.ctx, self.ctx_t, self.ctx_a = (
+            torch.cat(p, 1)[:, -keep:] for p in ((self.ctx, z), (self.ctx_t, tt), (self.ctx_a, a))
+        )
+
+    def _context_len(self):
+        return self.ctx.shape[1]

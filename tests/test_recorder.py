@@ -181,3 +181,21 @@ def test_count_returns():
     assert count_returns(np.array(hit + opponent_hit + hit, float), 160) == 2
     assert count_returns(np.array(opponent_hit + point, float), 160) == 0
     assert count_returns(np.array(flicker, float), 160) == 1
+
+
+@pytest.mark.parametrize("size", [32, 64, 96, 128, 168])
+def test_frame_resizer_matches_resize_frame(size):
+    """Resizing only the changed blocks gives the bytes of resizing each frame whole (168 enlarges: whole)."""
+    from generate_dataset import FrameResizer
+
+    rng = np.random.default_rng(size)
+    frames = [rng.integers(0, 256, (210, 160, 3), np.uint8)]  # noise: every weight of every block matters
+    for _ in range(40):
+        f = frames[-1].copy()
+        for _ in range(rng.integers(0, 4)):  # a few rectangles change, across block borders or not
+            y, x = rng.integers(0, 210), rng.integers(0, 160)
+            f[y : y + rng.integers(1, 20), x : x + rng.integers(1, 12)] = rng.integers(0, 256, 3, np.uint8)
+        frames.append(f)
+    resizer = FrameResizer(size, frames[0].shape)
+    got = np.concatenate([resizer(frames[:7]), resizer(frames[7:8]), resizer(frames[8:])])  # state across chunks
+    assert np.array_equal(got, np.stack([resize_frame(f, size) for f in frames]))

@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_OK := .venv/.installed
 
-.PHONY: demo test lint format bench bench-gpu data train-cpu train-gpu clean
+.PHONY: demo test lint format bench bench-gpu gpu-check data train-cpu train-gpu clean
 
 # The shipped model's data. A scripted ball-tracking agent with 10% and 25% held random
 # actions gives rallies and points on both sides; a DQN trained for minutes on a CPU (close
@@ -74,9 +74,17 @@ train-gpu:
 
 # The GPU figures the README still lacks (one H100/H200): training MFU, generation frames/s.
 bench-gpu:
-	$(PY) bench.py --what train --device cuda --dtype bfloat16 --model S --window 16 --train-batch 64
-	$(PY) bench.py --what train --device cuda --dtype bfloat16 --model XS --window 16 --train-batch 64
+	$(PY) bench.py --what train --device cuda --dtype bfloat16 --window 16 --train-batch 64
 	$(PY) bench.py --what generate --device cuda --steps 2 --gen-batches 1,64,256,1024
+
+# The whole GPU check in one command (training, benchmarks, evaluation on the GPU), every figure in one
+# report file to paste into the README: runs/gpu_report.txt. From recorded data (carry data/, without its
+# latents/ caches); about 12 minutes on one H100/H200.
+gpu-check:
+	mkdir -p runs
+	( set -x; nvidia-smi -L; $(MAKE) --no-print-directory train-gpu PY=$(PY) && \
+	  $(MAKE) --no-print-directory bench-gpu PY=$(PY) && \
+	  $(PY) evaluate.py --data $(HELDOUT) --out runs/eval_gpu --rollouts 32 --device cuda ) 2>&1 | tee runs/gpu_report.txt
 
 clean:
 	rm -rf .venv runs data

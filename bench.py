@@ -16,7 +16,8 @@ window at every denoising step (Oasis's loop) against the KV-cached one, same ru
 the last row also decodes on a second thread (step_pipelined), as generate.py and play.py do.
     python bench.py --what generate                       # the bundled model, batch 1 and 8
     python bench.py --what generate --device cuda --gen-batches 1,64,256,1024
---what train: DiT training throughput (samples/s, tokens/s; MFU on CUDA) at --model size.
+--what train: training throughput and MFU (on CUDA) against size: DiT XS, S, B and two VAEs, one table.
+    python bench.py --what train --device cuda --dtype bfloat16 --window 16 --train-batch 64
 """
 
 import contextlib
@@ -28,7 +29,7 @@ import time
 import torch
 
 from dit import DEFAULT_MODEL, DiT_models
-from utils import arg, parse_config, pick_device, seed_everything
+from utils import arg, parse_config, peak_flops, pick_device, seed_everything
 from uvit_vae import DECODER_CONFIGS, VAE_CONFIGS, build_vae
 
 
@@ -39,8 +40,11 @@ class BenchConfig:
     steps: int = arg(2, "generate: DDIM steps per frame")
     gen_frames: int = arg(24, "generate: timed frames per measurement, after the window is full")
     gen_batches: str = arg("1,8", "generate: comma-separated batch sizes")
-    train_batch: int = arg(16, "train: windows per step")
-    model: str = arg(DEFAULT_MODEL, "DiT size from dit.DiT_models", choices=sorted(DiT_models))
+    train_batch: int = arg(16, "train: DiT windows per step")
+    train_models: str = arg("XS,S,B", "train: comma-separated DiT sizes (dit.DiT_models keys)")
+    train_vaes: str = arg("pong_cpu,pong", "train: comma-separated VAE configs (uvit_vae.VAE_CONFIGS keys)")
+    vae_batch: int = arg(64, "train: VAE frames per step")
+    model: str = arg(DEFAULT_MODEL, "forward, generate: DiT size from dit.DiT_models", choices=sorted(DiT_models))
     window: int = arg(16, "frames per window T (the DiT's window; the cached step sees window - 1 frames)")
     batches: str = arg("1,32", "comma-separated batch sizes for the full forward")
     warmup: int = arg(2, "untimed calls before timing")
@@ -51,7 +55,19 @@ class BenchConfig:
     seed: int = arg(0, "random seed for weights and inputs")
 
 
-PRESETS = {"tiny": dict(model="tiny", window=4, batches="1,2", warmup=1, repeats=2)}
+PRESETS = {
+    "tiny": dict(
+        model="tiny",
+        window=4,
+        batches="1,2",
+        warmup=1,
+        repeats=2,
+        train_models="tiny",
+        train_vaes="pong_fast",
+        train_batch=2,
+        vae_batch=2,
+    )  # fmt: skip
+}
 
 
 def timeit(fn, cfg):
@@ -242,30 +258,54 @@ def bench_generate(cfg):
 
 
 def bench_train(cfg):
-    """Training throughput of the DiT: forward + backward + AdamW on random latents."""
-    from dit import flops_per_frame
+    """Training throughput and MFU against model size: DiT sizes (--train-models) and VAEs (--train-vaes).
 
-    model = DiT_models[cfg.model](window=cfg.window).to(cfg.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cfg.device.startswith("cuda"))
-    x, t, a = random_inputs(model, cfg.train_batch, cfg.window, cfg.device)
+    A step is forward + backward + AdamW on random inputs; its FLOPs are counted once with
+    torch.utils.flop_counter (matmuls, convolutions, attention), so DiT and VAE rows compare.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def step():
-        with autocast(cfg):
-            loss = model(x, t, a).float().square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    peak = peak_flops(cfg.device)
+    rows = [("dit", m) for m in cfg.train_models.split(",") if m] + [("vae", v) for v in cfg.train_vaes.split(",") if v]
+    print(f"device {cfg.device}, dtype {cfg.dtype}, median of {cfg.repeats} steps after {cfg.warmup} warmup")
+    print(f"{'model':>12} {'params':>8} {'batch':>9} {'ms/step':>9} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    results = {}
+    for kind, name in rows:
+        if kind == "dit":
+            model = DiT_models[name](window=cfg.window).to(cfg.device)
+            inputs, batch = (
+                random_inputs(model, cfg.train_batch, cfg.window, cfg.device),
+                f"{cfg.train_batch}x{cfg.window}",
+            )
+        else:
+            model = build_vae(name).to(cfg.device, memory_format=torch.channels_last)
+            inputs, batch = (torch.rand(cfg.vae_batch, 3, 96, 96, device=cfg.device) * 2 - 1,), str(cfg.vae_batch)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cfg.device.startswith("cuda"))
 
-    sec = timeit(step, cfg)
-    samples = cfg.train_batch / sec
-    tokens = samples * cfg.window * model.grid_h * model.grid_w
-    flops = 3 * flops_per_frame(model) * cfg.window * samples
-    line = f"DiT-{cfg.model} train, batch {cfg.train_batch}x{cfg.window} frames: {sec * 1e3:.1f} ms/step, "
-    line += f"{samples:.1f} samples/s, {tokens:,.0f} tokens/s, {flops / 1e12:.2f} TFLOP/s"
-    if cfg.device.startswith("cuda"):
-        line += f", MFU {flops / 989e12:.1%} of H100/H200 dense bf16"
-    print(line)
-    return {"ms": sec * 1e3, "samples_s": samples, "tokens_s": tokens, "flops": flops}
+        def step(model=model, inputs=inputs, kind=kind, opt=opt):
+            with autocast(cfg):
+                out = model(*inputs)
+                loss = (out[0] if kind == "vae" else out).float().square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        sec = timeit(step, cfg)
+        n = cfg.train_batch if kind == "dit" else cfg.vae_batch
+        flops = counter.get_total_flops() / sec
+        mfu = f"{flops / peak:6.1%}" if peak else "   n/a"
+        label = f"DiT-{name}" if kind == "dit" else name
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"{label:>12} {n_params:7.1f}M {batch:>9} {sec * 1e3:9.1f} {n / sec:10.1f} {flops / 1e12:8.2f} {mfu}")
+        results[label] = {
+            "ms": sec * 1e3,
+            "samples_s": n / sec,
+            "flops_s": flops,
+            "mfu": flops / peak if peak else None,
+        }
+    return results
 
 
 BENCHES = {"forward": bench_forward, "vae": bench_vae, "generate": bench_generate, "train": bench_train}

@@ -200,8 +200,8 @@ class PongDataset(Dataset):
         return out | {"actions": actions, "prev_actions": prev_actions(actions)}
 
     def sample(self, batch_size, gen):
-        """A batch of windows drawn uniformly with replacement, by a CPU generator."""
-        idx = torch.randint(len(self.starts), (batch_size,), generator=gen, device="cpu")
+        """A batch of windows drawn uniformly with replacement, by a generator on any device."""
+        idx = torch.randint(len(self.starts), (batch_size,), generator=gen, device=gen.device)
         return self.batch(idx.to(self.device))
 
     def __getitem__(self, i):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import diffusion
 import utils
 from utils import arg
 
@@ -176,8 +177,8 @@ class WorldModel:
         self.slide, self.guidance, self.context_noise = slide, float(guidance), int(context_noise)
         self.cuda_graph, self.runner = cuda_graph, None
         self.window = dit.window
-        self.ac = utils.alphas_cumprod_schedule().to(self.device)
-        ts = utils.ddim_timesteps(steps)
+        self.ac = diffusion.alphas_cumprod_schedule().to(self.device)
+        ts = diffusion.ddim_timesteps(steps)
         self.pairs = list(zip(ts[:-1], ts[1:]))
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self._pool = self._decoding = None  # step_pipelined's decode thread and its pending frame
@@ -208,7 +209,7 @@ class WorldModel:
         if self.context_noise == 0:
             return z
         noise = torch.randn(z.shape, generator=self.gen, device=self.device)
-        return utils.q_sample(z, torch.full(z.shape[:2], self.context_noise, device=self.device), noise, self.ac)
+        return diffusion.q_sample(z, torch.full(z.shape[:2], self.context_noise, device=self.device), noise, self.ac)
 
     @torch.no_grad()
     def reset(self, prompt, prompt_actions=None):
@@ -258,7 +259,7 @@ class WorldModel:
             if self.guidance != 1.0:  # classifier-free guidance on the action ("unknown" = zeros, as in training)
                 v0 = self._predict(x, tt, torch.zeros_like(a))
                 v = v0 + self.guidance * (v - v0)
-            x = utils.ddim_step(x, v, t, t_next, self.ac)
+            x = diffusion.ddim_step(x, v, t, t_next, self.ac)
         keep = self.window - 1
         if self._context_len() + 1 > keep and self.slide == "chunk":
             keep = max(1, self.window // 2)

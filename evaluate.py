@@ -17,7 +17,9 @@ prompted with the real frames s-P+1..s and the actions between them; step k = 1.
 actions[s+k-1], and its frame is compared with real frame s+k. Teacher forcing is the same
 with P = --context and H = 1.
 
-Score events and the other per-frame metrics are defined in metrics.py.
+Every run also makes the same rollouts (same start points, same noise) from one real frame, as a
+user's `generate.py --prompt frame.png` starts a game: "autoregressive_one_frame" beside the primed
+"autoregressive". Score events, the ball hit rate and the other metrics are defined in metrics.py.
 """
 
 import dataclasses
@@ -33,7 +35,7 @@ import torch
 
 import engine as engines
 import utils
-from metrics import next_frame_block, rollout_block, share
+from metrics import next_frame_block, plot, report, rollout_block, share, to_json
 from utils import DOWN, UP, arg
 
 
@@ -60,16 +62,6 @@ class EvalConfig(engines.ModelConfig):
 DESCRIPTION = __doc__.splitlines()[0] + " (--quick is short for --preset quick)"
 QUICK = dict(rollouts=4, horizon=8, horizons="1,4,8", tf_frames=8, vae_frames=16, control_frames=4, speed_frames=4)
 PRESETS = {"quick": {**QUICK, "batch": 4}}
-# why a metric is null, by a fragment of its name in metrics.json (first match wins)
-REASONS = [
-    ("ball_presence", "no real frame shows a ball"),
-    ("ball_spurious", "every real frame shows a ball"),
-    ("precision", "no point is scored in the generated rollouts"),
-    ("recall", "no point is scored in the real rollout windows"),
-    ("_px", "the object is never seen in both the real and the generated frame (of a curve: at some steps)"),
-    ("moves", "the player's paddle is not seen at the start and the end (or no start state has room to move)"),
-    ("up_above_down", "the player's paddle is not seen at the end of both rollouts"),
-]
 
 
 # -----------------------------------------------------------------------------
@@ -189,44 +181,6 @@ def parse_list(flag, text):
         utils.die(f"--{flag} {text!r}: expected comma-separated integers, e.g. 1,2,4,8")
 
 
-def to_json(x, notes, path=""):
-    """Plain JSON types; NaN/inf -> None, with the reason recorded in notes[path]."""
-    if isinstance(x, dict):
-        return {k: to_json(v, notes, f"{path}.{k}".lstrip(".")) for k, v in x.items()}
-    if isinstance(x, (list, tuple, np.ndarray)):
-        return [to_json(v, notes, path) for v in x]
-    if isinstance(x, (float, np.floating)):
-        if np.isfinite(x):
-            return float(x)
-        notes[path] = next((why for key, why in REASONS if key in path), "cannot be computed")
-        return None
-    return x.item() if isinstance(x, np.generic) else x
-
-
-def plot(path, m, horizon):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks, ar = np.arange(1, horizon + 1), m["autoregressive"]
-    nan = lambda v: [np.nan if u is None else u for u in (v if isinstance(v, list) else [v])]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    a1.plot(ks, nan(ar["psnr_curve"]), label=f"autoregressive ({m['config']['steps']} DDIM steps)")
-    a1.axhline(nan(m["vae"]["psnr"])[0], ls="--", c="gray", label="VAE reconstruction (ceiling)")
-    a1.axhline(nan(m["teacher_forced"]["psnr"])[0], ls=":", c="k", label="teacher-forced next frame")
-    a1.set(xlabel="rollout step", ylabel="PSNR (dB)", title="PSNR vs horizon")
-    for key, label in (("ball", "ball (x, y)"), ("player", "player paddle y"), ("opponent", "opponent paddle y")):
-        a2.plot(ks, nan(ar["curves_px"][key]), marker=".", label=label)
-    a2.set(xlabel="rollout step", ylabel="position error (px)", title="Object position error vs horizon")
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    utils._atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
 
 
@@ -280,6 +234,10 @@ def main(cfg, argv=()):
         return next_frame_block(take(eps, tf_pts, 1)[:, 0], tf), rollout_block(real, gen, horizons), gen
 
     m_tf, m_ar, gen = quality(engine, "main")
+    # the same start points and noise from one real frame, as a user's --prompt frame.png starts a game
+    real = take(eps, ar_pts, 0, cfg.horizon + 1)
+    one = run(engine, eps, ar_pts, 1, cfg.horizon, recorded(eps, cfg.horizon), cfg, "one-frame rollouts")
+    m_one = rollout_block(real, np.concatenate([real[:, :1], one], 1), horizons) if P > 1 else m_ar
     # the same rollouts (same noise) with each rollout's actions permuted: how much do the actions matter?
     rng = np.random.default_rng(cfg.seed)
     perm = {p: rng.permutation(cfg.horizon) for p in ar_pts}
@@ -304,7 +262,7 @@ def main(cfg, argv=()):
             tf, ar = (m_tf, m_ar) if eng is engine else quality(eng, f"{name}={v}")[:2]
             row = {"steps": st, "context_noise": cn} | {f"tf_{k}": tf[k] for k in ("psnr", "ssim", "ball_presence")}
             row |= {f"ar_{k}": ar[k] for k in ("psnr", "psnr_mean", "ball_presence", "ball_spurious")}
-            row |= {"ar_ball_error_first16_px": ar["ball_error_first16_px"]}
+            row |= {f"ar_{k}": ar[k] for k in ("ball_error_first16_px", "ball_hit_rate")}
             rows.append(row | {"fps_batch1": fps_batch1(eng, eps, ar_pts[0], P, cfg.speed_frames)})
         sweeps[name] = rows
 
@@ -321,6 +279,7 @@ def main(cfg, argv=()):
         "vae": m_vae,
         "teacher_forced": m_tf,
         "autoregressive": m_ar,
+        "autoregressive_one_frame": m_one,
         "control": m_ctl,
         "speed": dict(frames_per_s_batch1=fps, frames=cfg.speed_frames, steps=cfg.steps, device=dev_name),
         "sweeps": {k: v for k, v in sweeps.items() if v},
@@ -332,43 +291,6 @@ def main(cfg, argv=()):
     utils.atomic_write_text(os.path.join(cfg.out, "metrics.json"), json.dumps(metrics, indent=1))
     plot(os.path.join(cfg.out, "metrics.png"), metrics, cfg.horizon)
     print(report(metrics, horizons))
-
-
-def report(m, horizons):
-    """The compact table printed at the end."""
-    f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
-    ar, ctl, tf, vae, ck, data = (
-        m[k] for k in ("autoregressive", "control", "teacher_forced", "vae", "checkpoint", "data")
-    )
-    out = [f"{ck['path']} (step {ck['step']}) on {m['device']}: {data['episodes']} episodes, {data['frames']} frames"]
-    out.append(f"VAE recon.    PSNR {f(vae['psnr'])} dB  SSIM {f(vae['ssim'], 3)}  ball kept {f(vae['ball_presence'])}")
-    out.append(
-        f"teacher-f.    PSNR {f(tf['psnr'])} dB  SSIM {f(tf['ssim'], 3)}  ball presence {f(tf['ball_presence'])}"
-    )
-    out.append(f"{m['counts']['rollouts']} rollouts, step " + "".join(f"{k:>7}" for k in horizons))
-    for key in ("psnr", "ball_error_px", "player_error_px", "opponent_error_px"):
-        out.append(f"{key:>22}" + "".join(f"{f(ar[key][str(k)]):>7}" for k in horizons))
-    out.append(f"ball presence {f(ar['ball_presence'])}, ball error first 16 steps {f(ar['ball_error_first16_px'])} px")
-    for key in ("score_events", "score_digits"):
-        s = ar[key]
-        out.append(
-            f"{key:<13} precision {f(s['precision'])} recall {f(s['recall'])} ({s['n_matched']} matched, "
-            f"{s['n_real']} real, {s['n_generated']} generated)"
-        )
-    out.append(
-        f"control       up->up {f(ctl['up_moves_up'])} down->down {f(ctl['down_moves_down'])} up above down "
-        f"{f(ctl['up_above_down'])}, PSNR true - shuffled actions {f(ctl['psnr_gain_true_vs_shuffled'])} dB"
-    )
-    out.append(f"speed         {f(m['speed']['frames_per_s_batch1'], 1)} frames/s at batch 1 on {m['device']}")
-    for name, rows in m["sweeps"].items():
-        out.append(f"sweep {name}: steps noise  tf dB  ar dB  ball  spur.  err16   fps")
-        out += [
-            f"{'':>{len(name) + 7}}{r['steps']:>5} {r['context_noise']:>5} {f(r['tf_psnr']):>6} "
-            f"{f(r['ar_psnr_mean']):>6} {f(r['ar_ball_presence']):>5} {f(r['ar_ball_spurious']):>6} "
-            f"{f(r['ar_ball_error_first16_px'], 1):>6} {f(r['fps_batch1'], 1):>5}"
-            for r in rows
-        ]
-    return "\n".join(out + [f"wrote {os.path.join(m['config']['out'], 'metrics.json')} and metrics.png"])
 
 
 if __name__ == "__main__":

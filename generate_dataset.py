@@ -34,12 +34,10 @@ import collections
 import concurrent.futures
 import dataclasses
 import json
-import math
 import multiprocessing as mp
 import os
 import tempfile
 import time
-import zipfile
 from queue import Empty
 
 import numpy as np
@@ -49,19 +47,16 @@ from dataset import load_episode, read_meta
 from utils import (
     ACTION_NAMES,
     NUM_ACTIONS,
-    _atomic,
+    FrameResizer,
     arg,
+    atomic_savez,
     atomic_write_text,
     detect_objects,
     die,
     parse_config,
-    resize_frame,
 )
 
 CHUNK = 256  # raw frames handed to the writer thread at a time (~25 MB)
-# zlib level of the episode files: 3 writes ~2x faster than np.savez_compressed's 6 (and np.load reads it
-# ~2x faster) for ~1.75x the bytes, ~260 instead of ~150 per 96x96 frame
-COMPRESS_LEVEL = 3
 
 
 @dataclasses.dataclass
@@ -110,41 +105,6 @@ def count_returns(ball_x, width):
     return int(turn.sum())
 
 
-class FrameResizer:
-    """utils.resize_frame over an episode's frames, in order, redoing only the blocks that changed.
-
-    Shrinking H x W to size x size, INTER_AREA treats each block of H/gcd(H, size) x W/gcd(W, size) pixels
-    (35x5 -> 16x3 for 210x160 to 96) with the same weights wherever the block sits, so resizing a block
-    alone gives the very bytes of resizing the whole frame (tests/test_recorder.py checks it). Most of a
-    Pong frame stands still: at 96, ~4 blocks change per frame, and this is ~3x faster than whole frames.
-    """
-
-    def __init__(self, size, shape):
-        h, w = shape[:2]
-        gy, gx = (math.gcd(h, size), math.gcd(w, size)) if size <= min(h, w) else (1, 1)  # enlarging: whole
-        self.size, self.grid = size, (gy, h // gy, size // gy, gx, w // gx, size // gx)
-        self.prev = self.last = None  # the previous raw frame and its resized one
-
-    def __call__(self, raw):
-        """[(H, W, 3) uint8] * K, the episode's next K frames -> (K, size, size, 3) uint8."""
-        import cv2
-
-        ny, bh, oh, nx, bw, ow = self.grid
-        out = np.empty((len(raw), self.size, self.size, 3), np.uint8)
-        for f, o in zip(raw, out):
-            if self.prev is None:
-                self.prev, self.last = f, resize_frame(f, self.size)
-            o[:] = self.last
-            changed = (f != self.prev).reshape(ny, bh, -1).any(1).reshape(ny, nx, -1).any(2)  # (ny, nx)
-            for i, j in zip(*np.nonzero(changed)):
-                block = cv2.resize(
-                    f[i * bh : (i + 1) * bh, j * bw : (j + 1) * bw], (ow, oh), interpolation=cv2.INTER_AREA
-                )
-                o[i * oh : (i + 1) * oh, j * ow : (j + 1) * ow] = block
-            self.prev, self.last = f, o
-        return out
-
-
 def _resize_and_find_ball(resizer, raw):
     """The writer thread's work on a chunk of raw frames: (K, S, S, 3) frames and (K,) ball x."""
     frames = resizer(raw)
@@ -152,21 +112,9 @@ def _resize_and_find_ball(resizer, raw):
     return frames, detect_objects(frames, chunk=32)["ball_xy"][:, 0]
 
 
-def save_npz(path, **arrays):
-    """np.savez_compressed at zlib level COMPRESS_LEVEL, atomically; np.load reads it the same."""
-
-    def write(tmp):
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=COMPRESS_LEVEL) as zf:
-            for name, value in arrays.items():
-                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
-
-    _atomic(path, write)
-
-
 def _save_episode(path, chunks, arrays):
     frames, ball_x = (np.concatenate(a) for a in zip(*(c.result() for c in chunks)))  # (N, S, S, 3), (N,)
-    save_npz(path, frames=frames, ball_returns=count_returns(ball_x, frames.shape[2]), **arrays)
+    atomic_savez(path, frames=frames, ball_returns=count_returns(ball_x, frames.shape[2]), **arrays)
     return os.path.basename(path)
 
 

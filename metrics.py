@@ -14,6 +14,8 @@ recall = matched / real events, over all rollouts. On recorded episodes both det
 every recorded reward within +-2 frames and nothing else but the reset frame (tests/test_evaluate.py).
 """
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,17 @@ import torch.nn.functional as F
 import utils
 
 EDGE, GONE, TOL = 0.15, 3, 2  # score events: edge band (share of width), frames gone, match tolerance
+HIT_PX = 4  # a generated ball within this many pixels of the real one is a hit
+# why a metric is null, by a fragment of its name in metrics.json (first match wins)
+REASONS = [
+    ("ball_presence", "no real frame shows a ball"),
+    ("ball_spurious", "every real frame shows a ball"),
+    ("precision", "no point is scored in the generated rollouts"),
+    ("recall", "no point is scored in the real rollout windows"),
+    ("_px", "the object is never seen in both the real and the generated frame (of a curve: at some steps)"),
+    ("moves", "the player's paddle is not seen at the start and the end (or no start state has room to move)"),
+    ("up_above_down", "the player's paddle is not seen at the end of both rollouts"),
+]
 
 
 def ssim(a, b, size=11, sigma=1.5):
@@ -108,6 +121,8 @@ def rollout_block(real, gen, horizons):
     res |= {"ball_presence": share(has_g, has_r), "ball_spurious": share(has_g, ~has_r)}
     res |= {f"{k}_error_px": at(c) for k, c in curves.items()}
     res |= {"ball_error_first16_px": float(nanmean(err["ball"][:, 1:17])), "curves_px": curves}
+    hit = err["ball"][:, 1:] <= HIT_PX  # NaN (a ball missing on either side) is a miss
+    res |= {"ball_hit_rate": share(hit, has_r), "ball_hit_rate_first16": share(hit[:, :16], has_r[:, :16])}
     for name in ("score_events", "score_digits"):
         n_r = n_g = n_m = 0
         for i in range(len(real)):
@@ -119,3 +134,88 @@ def rollout_block(real, gen, horizons):
         ratio = lambda a, b: a / b if b else float("nan")
         res[name] = dict(precision=ratio(n_m, n_g), recall=ratio(n_m, n_r), n_real=n_r, n_generated=n_g, n_matched=n_m)
     return res
+
+
+def to_json(x, notes, path=""):
+    """Plain JSON types; NaN/inf -> None, with the reason recorded in notes[path]."""
+    if isinstance(x, dict):
+        return {k: to_json(v, notes, f"{path}.{k}".lstrip(".")) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [to_json(v, notes, path) for v in x]
+    if isinstance(x, (float, np.floating)):
+        if np.isfinite(x):
+            return float(x)
+        notes[path] = next((why for key, why in REASONS if key in path), "cannot be computed")
+        return None
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def plot(path, m, horizon):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks, ar, one = np.arange(1, horizon + 1), m["autoregressive"], m["autoregressive_one_frame"]
+    nan = lambda v: [np.nan if u is None else u for u in (v if isinstance(v, list) else [v])]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(ks, nan(ar["psnr_curve"]), label=f"autoregressive, primed ({m['config']['steps']} DDIM steps)")
+    a1.plot(ks, nan(one["psnr_curve"]), label="autoregressive, from one frame")
+    a1.axhline(nan(m["vae"]["psnr"])[0], ls="--", c="gray", label="VAE reconstruction (ceiling)")
+    a1.axhline(nan(m["teacher_forced"]["psnr"])[0], ls=":", c="k", label="teacher-forced next frame")
+    a1.set(xlabel="rollout step", ylabel="PSNR (dB)", title="PSNR vs horizon")
+    for key, label in (("ball", "ball (x, y)"), ("player", "player paddle y"), ("opponent", "opponent paddle y")):
+        (line,) = a2.plot(ks, nan(ar["curves_px"][key]), marker=".", label=label)
+        a2.plot(ks, nan(one["curves_px"][key]), ls=":", c=line.get_color(), label=f"{label}, from one frame")
+    a2.set(xlabel="rollout step", ylabel="position error (px)", title="Object position error vs horizon")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    utils._atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def report(m, horizons):
+    """The compact table printed at the end: primed rollouts and rollouts from one frame side by side."""
+    f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
+    ctl, tf, vae, ck, data = (m[k] for k in ("control", "teacher_forced", "vae", "checkpoint", "data"))
+    runs = {
+        f"primed ({m['derived']['prompt']} frames)": m["autoregressive"],
+        "one frame": m["autoregressive_one_frame"],
+    }
+    out = [f"{ck['path']} (step {ck['step']}) on {m['device']}: {data['episodes']} episodes, {data['frames']} frames"]
+    out.append(f"VAE recon.    PSNR {f(vae['psnr'])} dB  SSIM {f(vae['ssim'], 3)}  ball kept {f(vae['ball_presence'])}")
+    out.append(
+        f"teacher-f.    PSNR {f(tf['psnr'])} dB  SSIM {f(tf['ssim'], 3)}  ball presence {f(tf['ball_presence'])}"
+    )
+    for name, ar in runs.items():
+        out.append(f"{m['counts']['rollouts']} rollouts, {name}, step " + "".join(f"{k:>7}" for k in horizons))
+        for key in ("psnr", "ball_error_px", "player_error_px", "opponent_error_px"):
+            out.append(f"{key:>22}" + "".join(f"{f(ar[key][str(k)]):>7}" for k in horizons))
+        out.append(
+            f"  ball presence {f(ar['ball_presence'])}, spurious {f(ar['ball_spurious'])}, error first 16 steps "
+            f"{f(ar['ball_error_first16_px'])} px, hit rate (<= {HIT_PX} px) {f(ar['ball_hit_rate'])}, "
+            f"first 16 steps {f(ar['ball_hit_rate_first16'])}"
+        )
+        for key in ("score_events", "score_digits"):
+            s = ar[key]
+            out.append(
+                f"  {key:<13} precision {f(s['precision'])} recall {f(s['recall'])} ({s['n_matched']} matched, "
+                f"{s['n_real']} real, {s['n_generated']} generated)"
+            )
+    out.append(
+        f"control       up->up {f(ctl['up_moves_up'])} down->down {f(ctl['down_moves_down'])} (free: "
+        f"{f(ctl['up_moves_up_free'])} {f(ctl['down_moves_down_free'])}) up above down {f(ctl['up_above_down'])}, "
+        f"PSNR true - shuffled actions {f(ctl['psnr_gain_true_vs_shuffled'])} dB"
+    )
+    out.append(f"speed         {f(m['speed']['frames_per_s_batch1'], 1)} frames/s at batch 1 on {m['device']}")
+    for name, rows in m["sweeps"].items():
+        out.append(f"sweep {name}: steps noise  tf dB  ar dB  ball  spur.  err16   hit   fps")
+        out += [
+            f"{'':>{len(name) + 7}}{r['steps']:>5} {r['context_noise']:>5} {f(r['tf_psnr']):>6} "
+            f"{f(r['ar_psnr_mean']):>6} {f(r['ar_ball_presence']):>5} {f(r['ar_ball_spurious']):>6} "
+            f"{f(r['ar_ball_error_first16_px'], 1):>6} {f(r['ar_ball_hit_rate']):>5} {f(r['fps_batch1'], 1):>5}"
+            for r in rows
+        ]
+    return "\n".join(out + [f"wrote {os.path.join(m['config']['out'], 'metrics.json')} and metrics.png"])

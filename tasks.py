@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import diffusion
 import utils
 from dataset import PongDataset, build_latent_cache, list_split, to_float_frames
 from engine import WorldModel, load_vae
@@ -87,7 +88,7 @@ class VAETask:
         bg = self.background
         if self.cfg.crop:  # a convolutional VAE learns from crops; aligned to the latent grid
             c, size = self.cfg.crop, x.shape[-1]
-            i, j = (8 * torch.randint(0, (size - c) // 8 + 1, (2,), generator=gen)).tolist()
+            i, j = (8 * torch.randint(0, (size - c) // 8 + 1, (2,), generator=gen, device=gen.device)).tolist()
             x, bg = x[..., i : i + c, j : j + c], bg[..., i : i + c, j : j + c]
         # decoder-only decodes the posterior mean, as generation decodes the DiT's latents
         rec, post = model(x, sample_posterior=not self.cfg.decoder_only)
@@ -159,17 +160,20 @@ class DiTTask:
             self.model.load_state_dict(ck["ema"])
         self.model_config = dict(self.model.config)
         self.extra_config = {"vae_path": os.path.abspath(vae_path), "vae_fingerprint": fp, "latent_scale": self.scale}
-        self.ac = utils.alphas_cumprod_schedule().to(device)
+        self.ac = diffusion.alphas_cumprod_schedule().to(device)
         self.cfg, self.device = cfg, device
+        # The static background's latent: the per-cell median over a sample of training frames (--fg-weight).
+        sample = self.train.sample(min(512, len(self.train)), torch.Generator().manual_seed(0))
+        self.background = sample["latents"][:, 0].median(dim=0).values  # (C, h, w)
         self.tokens_per_sample = cfg.window * self.model.grid_h * self.model.grid_w
         self.flops_per_sample = 3 * flops_per_frame(self.model) * cfg.window  # forward + backward
 
     def noise_levels(self, B, T, gen):
-        t = torch.randint(0, utils.NUM_TIMESTEPS, (B, T), generator=gen)
+        t = torch.randint(0, diffusion.NUM_TIMESTEPS, (B, T), generator=gen, device=gen.device)
         if self.cfg.ctx_noise_prob > 0:
             # GameNGen-style windows: a lightly noised context and a fully random last frame.
-            pick = torch.rand(B, generator=gen) < self.cfg.ctx_noise_prob
-            ctx = torch.randint(0, self.cfg.ctx_noise_max + 1, (B, T), generator=gen)
+            pick = torch.rand(B, generator=gen, device=gen.device) < self.cfg.ctx_noise_prob
+            ctx = torch.randint(0, self.cfg.ctx_noise_max + 1, (B, T), generator=gen, device=gen.device)
             t = torch.where(pick[:, None], torch.cat([ctx[:, :-1], t[:, -1:]], 1), t)
         return t
 
@@ -177,26 +181,44 @@ class DiTTask:
         batch = ds.sample(B, gen)
         x0, cond = batch["latents"], batch["prev_actions"]  # (B, T, C, H, W), (B, T, A)
         T = x0.shape[1]
+        # drawn where gen lives (the training device): no copy from the host, so no sync, in a step
         t = self.noise_levels(B, T, gen).to(self.device)
-        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(self.device)
         if self.cfg.action_dropout > 0:
-            keep = (torch.rand(B, T, 1, generator=gen) >= self.cfg.action_dropout).float().to(self.device)
+            keep = (torch.rand(B, T, 1, generator=gen, device=gen.device) >= self.cfg.action_dropout).float()
+            keep = keep.to(self.device)
             cond = cond * keep
         return x0, t, noise, cond
 
-    def loss_on(self, model, x0, t, noise, cond):
-        x_t = utils.q_sample(x0, t, noise, self.ac)
-        v = model(x_t, t, cond)
-        return F.mse_loss(v.float(), utils.v_target(x0, noise, t, self.ac))
+    def cell_weights(self, x0):
+        """(B, T, 1, h, w): 1 + fg_weight where a latent cell differs from the background or from the last frame.
+
+        The ball is 1-2 pixels of a 96x96 frame: with a plain MSE the static field dominates the loss.
+        """
+        moved = lambda a, b: (a - b).norm(dim=2, keepdim=True) > self.cfg.fg_threshold  # (B, T, 1, h, w)
+        fg = moved(x0, self.background)
+        fg[:, 1:] |= moved(x0[:, 1:], x0[:, :-1])
+        return 1.0 + self.cfg.fg_weight * fg.float()
+
+    def loss_on(self, model, x0, t, noise, cond, weighted=True):
+        x_t = diffusion.q_sample(x0, t, noise, self.ac)
+        v, target = model(x_t, t, cond).float(), diffusion.v_target(x0, noise, t, self.ac)
+        if not weighted or self.cfg.fg_weight == 0:
+            return F.mse_loss(v, target)
+        w = self.cell_weights(x0)
+        return (w * (v - target).square()).mean() / w.mean()
 
     def loss(self, model, gen):
         return self.loss_on(model, *self.make_batch(self.train, self.cfg.batch_size, gen)), {}
 
     @torch.no_grad()
     def evaluate(self, model):
-        g = torch.Generator().manual_seed(1234)  # the same windows, noise and levels every time
-        losses = [self.loss_on(model, *self.make_batch(self.val, self.cfg.batch_size, g)).item() for _ in range(4)]
-        return {"val_loss": float(np.mean(losses))}
+        g = torch.Generator(self.device).manual_seed(1234)  # the same windows, noise and levels every time
+        batches = [self.make_batch(self.val, self.cfg.batch_size, g) for _ in range(4)]
+        out = {"val_loss": float(np.mean([self.loss_on(model, *b).item() for b in batches]))}
+        if self.cfg.fg_weight:  # the plain MSE too, comparable across --fg-weight settings
+            out["val_mse"] = float(np.mean([self.loss_on(model, *b, weighted=False).item() for b in batches]))
+        return out
 
     @torch.no_grad()
     def sample(self, model, step, logger):

@@ -92,6 +92,8 @@ class DiTConfig(TrainConfig):
     ctx_noise_prob: float = arg(0.0, "share of windows trained GameNGen-style (clean-ish context, noisy last frame)")
     ctx_noise_max: int = arg(300, "max noise level of the context in those windows")
     action_dropout: float = arg(0.1, "share of frames whose action is replaced by 'unknown' (zeros)")
+    fg_weight: float = arg(0.0, "extra loss weight on latent cells that differ from the background or the last frame")
+    fg_threshold: float = arg(0.5, "a cell differs when its latent moves by more than this (L2 over channels)")
     sample_every: int = arg(1000, "steps between autoregressive sample rollouts (0: off)")
 
 
@@ -121,7 +123,6 @@ PRESETS = {
 }
 # fmt: on
 KINDS = {"vae": (VAEConfig, VAETask), "dit": (DiTConfig, DiTTask)}
-PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, for MFU
 
 
 def setup_distributed(cfg):
@@ -145,8 +146,8 @@ def lr_at(step, progress, cfg):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * model, in one fused pass over all parameters."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 class Logger:
@@ -246,7 +247,7 @@ def main(kind, cfg):
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
     utils.seed_everything(cfg.seed + rank)
-    gen = torch.Generator().manual_seed(cfg.seed + rank)
+    gen = torch.Generator(device).manual_seed(cfg.seed + rank)  # on the device: batches are drawn there
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     if cfg.resume and not os.path.isfile(ckpt_path):
         utils.die(f"--resume: no checkpoint at {ckpt_path}")
@@ -265,8 +266,7 @@ def main(kind, cfg):
 
     train_model = wrap(task.model, cfg, device, world)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = next((v for k, v in PEAK_FLOPS_BF16.items() if k in gpu), None)
+    peak = utils.peak_flops(device)
 
     t0 = time.time()
     elapsed = lambda: elapsed0 + time.time() - t0  # training seconds, across resumes
@@ -357,5 +357,6 @@ if __name__ == "__main__":
         presets=PRESETS[kind],
         default_preset="gpu" if torch.cuda.is_available() else "cpu",
         description=f"train.py {kind}: " + __doc__.splitlines()[0],
+        prog=f"train.py {kind}",
     )
     main(kind, cfg)

@@ -1,5 +1,5 @@
-"""Shared pieces: config-to-CLI, seeding, atomic writes, Pong frame helpers,
-and the diffusion maths (sigmoid schedule, v-prediction, DDIM).
+"""Shared pieces: config-to-CLI, seeding, atomic writes, checkpoints, devices, PSNR, videos,
+and Pong's frames (actions, resizing, the object detector). The diffusion maths is in diffusion.py.
 
 Imports only torch, numpy and the standard library at module level, so the
 training and generation code runs on a bare GPU image (cv2 is imported lazily).
@@ -8,6 +8,7 @@ training and generation code runs on a bare GPU image (cv2 is imported lazily).
 import argparse
 import dataclasses
 import hashlib
+import math
 import os
 import random
 import sys
@@ -27,7 +28,7 @@ def arg(default, help, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
-def parse_config(cls, argv=None, presets=None, default_preset=None, description=None, positional=None):
+def parse_config(cls, argv=None, presets=None, default_preset=None, description=None, positional=None, prog=None):
     """Build a CLI from a config dataclass: every field becomes --hyphenated-flag.
 
     presets: {name: {field: value}}; the one chosen by --preset (else default_preset) is applied
@@ -39,7 +40,9 @@ def parse_config(cls, argv=None, presets=None, default_preset=None, description=
     chosen = next((v for k, v in zip(argv, argv[1:]) if k == "--preset"), None)
     chosen = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), chosen) or default_preset
     preset = (presets or {}).get(chosen, {})
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     if positional:
         p.add_argument(positional[0], choices=positional[1], help=positional[2])
     if presets:
@@ -185,6 +188,16 @@ def pick_device(flag, local_rank=0):
         die(f"--device {flag!r}: expected auto, cpu, cuda or cuda:N")
 
 
+PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 FLOP/s, for MFU; None on a CPU or an unlisted GPU."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS_BF16.items() if k in name), None)
+
+
 def psnr(a, b):
     """PSNR in dB per frame between uint8 images: (..., H, W, 3) -> (...)."""
     mse = np.square(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean(axis=(-3, -2, -1))
@@ -236,6 +249,41 @@ def resize_frame(frame, size):
     import cv2
 
     return cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
+
+
+class FrameResizer:
+    """utils.resize_frame over an episode's frames, in order, redoing only the blocks that changed.
+
+    Shrinking H x W to size x size, INTER_AREA treats each block of H/gcd(H, size) x W/gcd(W, size) pixels
+    (35x5 -> 16x3 for 210x160 to 96) with the same weights wherever the block sits, so resizing a block
+    alone gives the very bytes of resizing the whole frame (tests/test_recorder.py checks it). Most of a
+    Pong frame stands still: at 96, ~4 blocks change per frame, and this is ~3x faster than whole frames.
+    """
+
+    def __init__(self, size, shape):
+        h, w = shape[:2]
+        gy, gx = (math.gcd(h, size), math.gcd(w, size)) if size <= min(h, w) else (1, 1)  # enlarging: whole
+        self.size, self.grid = size, (gy, h // gy, size // gy, gx, w // gx, size // gx)
+        self.prev = self.last = None  # the previous raw frame and its resized one
+
+    def __call__(self, raw):
+        """[(H, W, 3) uint8] * K, the episode's next K frames -> (K, size, size, 3) uint8."""
+        import cv2
+
+        ny, bh, oh, nx, bw, ow = self.grid
+        out = np.empty((len(raw), self.size, self.size, 3), np.uint8)
+        for f, o in zip(raw, out):
+            if self.prev is None:
+                self.prev, self.last = f, resize_frame(f, self.size)
+            o[:] = self.last
+            changed = (f != self.prev).reshape(ny, bh, -1).any(1).reshape(ny, nx, -1).any(2)  # (ny, nx)
+            for i, j in zip(*np.nonzero(changed)):
+                block = cv2.resize(
+                    f[i * bh : (i + 1) * bh, j * bw : (j + 1) * bw], (ow, oh), interpolation=cv2.INTER_AREA
+                )
+                o[i * oh : (i + 1) * oh, j * ow : (j + 1) * ow] = block
+            self.prev, self.last = f, o
+        return out
 
 
 # Inside the play field a frame holds only the background and three object colours,
@@ -326,67 +374,3 @@ def detect_objects(frames, chunk=1024):
         "player_y": py.reshape(lead),
         "opponent_y": oy.reshape(lead),
     }
-
-
-# -----------------------------------------------------------------------------
-# diffusion: sigmoid schedule, v-prediction, DDIM
-
-NUM_TIMESTEPS = 1000
-
-
-def sigmoid_beta_schedule(timesteps=NUM_TIMESTEPS, start=-3.0, end=3.0, tau=1.0, clamp_min=1e-5):
-    """Betas whose alpha_bar follows a sigmoid in t (Jabri et al. 2022), as used by Oasis."""
-    t = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64) / timesteps
-    v_start = torch.tensor(start / tau).sigmoid()
-    v_end = torch.tensor(end / tau).sigmoid()
-    alphas_cumprod = (-((t * (end - start) + start) / tau).sigmoid() + v_end) / (v_end - v_start)
-    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
-    betas = 1 - (alphas_cumprod[1:] / alphas_cumprod[:-1])
-    return torch.clip(betas, 0, 0.999)
-
-
-def alphas_cumprod_schedule(timesteps=NUM_TIMESTEPS):
-    """alpha_bar[t] for t in [0, timesteps), float32."""
-    return torch.cumprod(1.0 - sigmoid_beta_schedule(timesteps), dim=0).float()
-
-
-def _bc(a, x):
-    """Broadcast a per-frame coefficient (..., ) against x (..., C, H, W)."""
-    return a.reshape(*a.shape, *([1] * (x.ndim - a.ndim)))
-
-
-def q_sample(x0, t, noise, ac):
-    """x_t = sqrt(ab) x0 + sqrt(1-ab) eps, with t of shape x0.shape[:-3]."""
-    ab = _bc(ac[t], x0)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-
-
-def v_target(x0, noise, t, ac):
-    """v = sqrt(ab) eps - sqrt(1-ab) x0."""
-    ab = _bc(ac[t], x0)
-    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
-
-
-def x0_from_v(x_t, v, t, ac):
-    ab = _bc(ac[t], x_t)
-    return ab.sqrt() * x_t - (1 - ab).sqrt() * v
-
-
-def eps_from_v(x_t, v, t, ac):
-    ab = _bc(ac[t], x_t)
-    return (1 - ab).sqrt() * x_t + ab.sqrt() * v
-
-
-def ddim_timesteps(steps, timesteps=NUM_TIMESTEPS):
-    """Descending integer timesteps for a `steps`-step DDIM sampler, starting at T-1."""
-    return torch.linspace(timesteps - 1, 0, steps + 1).round().long()[:-1].tolist() + [-1]
-
-
-def ddim_step(x_t, v, t, t_next, ac):
-    """One deterministic DDIM step (eta=0) from t to t_next; t_next < 0 means 'to x0'."""
-    x0 = x0_from_v(x_t, v, t, ac)
-    if t_next < 0:
-        return x0
-    eps = eps_from_v(x_t, v, t, ac)
-    ab_next = ac[t_next]
-    return ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps

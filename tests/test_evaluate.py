@@ -133,6 +133,21 @@ def test_perfect_model_scores_perfectly(heldout, prompt):
     for key in ("score_events", "score_digits"):
         s = m[key]
         assert s["n_real"] > 0 and s["n_real"] == s["n_generated"] == s["n_matched"], (key, s)
+    assert m["ball_hit_rate"] == m["ball_hit_rate_first16"] == 1.0
+
+
+def test_ball_hit_rate_counts_balls_within_4_px(heldout):
+    """A model that freezes the start frame hits only where the real ball is still within 4 px of where it was."""
+    eps, T = heldout["eps"], 20
+    points = evaluate.spread(eps, 0, T, 12)
+    real = evaluate.take(eps, points, 0, T + 1)
+    frozen = np.repeat(real[:, :1], T + 1, axis=1)
+    m = metrics.rollout_block(real, frozen, [1, T])
+    d = utils.detect_objects(real)
+    seen = d["ball_present"][:, 1:]
+    near = np.linalg.norm(d["ball_xy"][:, 1:] - d["ball_xy"][:, :1], axis=-1) <= 4  # NaN: a miss
+    assert seen.any() and 0 < m["ball_hit_rate"] < 1
+    assert m["ball_hit_rate"] == pytest.approx(near[seen].mean())
 
 
 def test_end_to_end_quick(heldout):
@@ -163,6 +178,7 @@ def test_end_to_end_quick(heldout):
         "vae",
         "teacher_forced",
         "autoregressive",
+        "autoregressive_one_frame",
         "control",
         "speed",
         "sweeps",
@@ -172,8 +188,10 @@ def test_end_to_end_quick(heldout):
     assert m["checkpoint"]["step"] == 3 and m["checkpoint"]["path"] == os.path.abspath(heldout["dit"])
     assert m["data"]["episodes"] == 2 and m["data"]["frames"] == sum(len(ep["frames"]) for ep in heldout["eps"])
     assert m["counts"]["rollouts"] == 4 and m["config"]["horizon"] == 8 and "--quick" not in m["argv"]
-    ar = m["autoregressive"]
+    ar, one = m["autoregressive"], m["autoregressive_one_frame"]
     assert set(ar["psnr"]) == {"1", "4", "8"} and len(ar["psnr_curve"]) == 8
+    assert set(one) == set(ar)  # from one frame: the same metrics (an untrained DiT ignores its context)
+    assert m["derived"]["prompt"] == 3 and "one frame" in p.stdout and "hit rate" in p.stdout
     for key in ("ball_error_px", "player_error_px", "opponent_error_px"):
         assert set(ar[key]) == {"1", "4", "8"}
     assert {"precision", "recall", "n_real", "n_generated"} <= set(ar["score_events"])

@@ -186,7 +186,7 @@ def test_count_returns():
 @pytest.mark.parametrize("size", [32, 64, 96, 128, 168])
 def test_frame_resizer_matches_resize_frame(size):
     """Resizing only the changed blocks gives the bytes of resizing each frame whole (168 enlarges: whole)."""
-    from generate_dataset import FrameResizer
+    from utils import FrameResizer
 
     rng = np.random.default_rng(size)
     frames = [rng.integers(0, 256, (210, 160, 3), np.uint8)]  # noise: every weight of every block matters

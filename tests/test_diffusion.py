@@ -1,8 +1,8 @@
-"""utils' diffusion maths: v-prediction conversions invert q_sample, DDIM with the true x0 recovers it."""
+"""diffusion.py: v-prediction conversions invert q_sample, DDIM with the true x0 recovers it."""
 
 import torch
 
-from utils import (
+from diffusion import (
     NUM_TIMESTEPS,
     alphas_cumprod_schedule,
     ddim_step,

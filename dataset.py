@@ -207,8 +207,16 @@ class PongDataset(Dataset):
     def __getitem__(self, i):
         if not 0 <= i < len(self):
             raise IndexError(i)
-        item = {k: v[0] for k, v in self.batch(torch.tensor([i], device=self.device)).items()}
         start = int(self.starts[i])
+        if self.device.type == "cpu" and not self.latents:  # numpy: torch's intra-op threads made this slower
+            s = slice(start, start + self.window)
+            x = np.ascontiguousarray(self.data[s].numpy().transpose(0, 3, 1, 2), dtype=np.float32)  # (T, 3, H, W)
+            x /= 127.5
+            x -= 1.0
+            actions = self.actions[s]
+            item = {"frames": torch.from_numpy(x), "actions": actions, "prev_actions": prev_actions(actions[None])[0]}
+        else:
+            item = {k: v[0] for k, v in self.batch(torch.tensor([i], device=self.device)).items()}
         e = int(np.searchsorted(self.offsets, start, side="right")) - 1
         item["t_index"] = torch.arange(start - self.offsets[e], start - self.offsets[e] + self.window)
         return item | {"episode": self.episodes[e]}

@@ -307,7 +307,10 @@ def test_help_shows_each_kind_its_own_options_and_real_defaults():
     # a flag's help line: after "options:", up to the next flag
     flag = lambda text, name: " ".join(text.split("options:")[1].split(f"--{name} ", 1)[1].split("--", 1)[0].split())
     assert "--fg-weight" in vae and "--decoder-only" in vae and "--window" not in vae and "--vae " not in vae
-    assert "--window" in dit and "--vae " in dit and "--fg-weight" not in dit and "--crop" not in dit
+    assert "--window" in dit and "--vae " in dit and "--kl-weight" not in dit and "--crop" not in dit
+    # the same flag name, each kind's own meaning and default: the VAE's preset sets 50 or 100, the DiT's 0
+    assert f"(default: {PRESETS['vae'][default]['fg_weight']})" in flag(vae, "fg-weight")
+    assert "(default: 0.0)" in flag(dit, "fg-weight") and "latent cells" in flag(dit, "fg-weight")
     for kind, text in (("vae", vae), ("dit", dit)):  # the preset's steps, not the dataclass's 1000
         assert f"(default: {PRESETS[kind][default]['steps']})" in flag(text, "steps")
     assert f"(default: {PRESETS['vae'][default]['model']})" in flag(vae, "model")

@@ -65,7 +65,7 @@ class TrainConfig:
     overfit: bool = arg(False, "debug aid: train on one fixed batch (same frames, noise and levels) every step")
     resume: bool = arg(False, "continue from OUT/ckpt.pt")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
-    compile: bool = arg(False, "torch.compile the model (CUDA only)")
+    compile: bool = arg(False, "torch.compile the training model (inductor; on a CPU it compiles C++, slow to start)")
     wandb: str = arg("auto", "auto | online | offline | disabled", choices=["auto", "online", "offline", "disabled"])
     wandb_project: str = arg("gamengen-mini", "wandb project")
 
@@ -226,8 +226,8 @@ def start(kind, cfg, task, world, gen):
 
 
 def wrap(model, cfg, device, world):
-    """What the loop calls: the bare model, compiled (--compile, CUDA) and/or in DDP. Checkpoints save the bare one."""
-    if cfg.compile and device.type == "cuda":
+    """What the loop calls: the bare model, compiled (--compile) and/or in DDP. Checkpoints save the bare one."""
+    if cfg.compile:
         model = torch.compile(model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -280,6 +280,18 @@ def test_bad_inputs(pipeline, tmp_path):
     one_line_error(p, "'vae'")
 
 
+def test_compiled_training_saves_the_bare_model(pipeline, tmp_path):
+    """--compile (inductor, here on the CPU as on a GPU): it trains, and the checkpoint holds the bare module's
+    weights (no _orig_mod. prefixes), so generation and --resume load it as any other."""
+    out = str(tmp_path / "c")
+    run("train.py", "dit", "--preset", "tiny", "--data", pipeline["data"], "--vae", pipeline["vae"], "--out", out,
+        "--compile", "--steps", "6", "--log-every", "3", "--sample-every", "0", "--wandb", "disabled")  # fmt: skip
+    ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    ref = torch.load(os.path.join(pipeline["dit"], "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert ck["step"] == 6 and set(ck["model"]) == set(ref["model"]) == set(ck["ema"])
+    assert not all(torch.equal(ck["model"][k], ref["model"][k]) for k in ref["model"])
+
+
 def test_corrupt_episode_and_bad_init_are_one_line(pipeline, tmp_path):
     """A truncated episode file in --data is named in one line (both kinds); so is an --init that does not fit."""
     data = tmp_path / "data"

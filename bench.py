@@ -66,7 +66,7 @@ PRESETS = {
         train_vaes="pong_fast",
         train_batch=2,
         vae_batch=2,
-    )  # fmt: skip
+    )
 }
 
 
@@ -169,7 +169,7 @@ def load_engine_parts(cfg):
 
     path = cfg.ckpt or (engine.DEFAULT_CKPT if os.path.isfile(engine.DEFAULT_CKPT) else "")
     if path:
-        dit, config = engine.load_dit(path, cfg.device)
+        dit, config, _ = engine.load_dit(path, cfg.device)
         vae = engine.load_vae(engine.find_vae(path, config), cfg.device)
         return dit, vae, config["latent_scale"], path
     dit = DiT_models[cfg.model](window=cfg.window).to(cfg.device).eval()

@@ -183,8 +183,7 @@ class PongDataset(Dataset):
             self.episodes.append(_episode_number(path, i))
             starts.extend(range(off, off + n - window + 1))
             off += n
-        self.lengths = np.array([len(a) for a in actions])
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # frame index of each episode's start
+        self.offsets = np.cumsum([0] + [len(a) for a in actions])  # frame index of each episode's start
         self.data = torch.from_numpy(np.concatenate(data)).to(self.device)
         self.actions = torch.from_numpy(np.concatenate(actions).astype(np.int64)).to(self.device)
         self.starts = torch.tensor(starts, dtype=torch.long, device=self.device)  # first frame of each window

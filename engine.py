@@ -58,7 +58,7 @@ THREADS_HELP = "CPU threads for each of the two stages (DiT, VAE decode); 0: hal
 
 
 def load_dit(path, device, ema=True):
-    """Rebuild the DiT from its checkpoint alone -> (model, checkpoint config)."""
+    """Rebuild the DiT from its checkpoint alone -> (model, checkpoint config, training step)."""
     from dit import DiT
 
     ckpt = utils.load_checkpoint(path, kind="dit")
@@ -66,7 +66,7 @@ def load_dit(path, device, ema=True):
         utils.die(f"--no-ema: {path} holds only the EMA weights")
     model = DiT(**ckpt["config"]["model"])
     model.load_state_dict({k: v.float() for k, v in ckpt["ema" if ema else "model"].items()})
-    return model.to(device).eval(), ckpt["config"]
+    return model.to(device).eval(), ckpt["config"], ckpt.get("step")
 
 
 def find_vae(dit_path, config, override=""):
@@ -98,11 +98,15 @@ def load_world_model(cfg, device, naive=False, **overrides):
         utils.die(f"--cuda-graph needs a CUDA device, not {device}")
     if not os.path.isfile(utils.resolve_ckpt_path(cfg.ckpt)):
         utils.die(f"--ckpt {cfg.ckpt}: no such file (train one with train.py dit, or use the bundled checkpoints/)")
-    dit, config = load_dit(cfg.ckpt, device, cfg.ema)
-    vae = load_vae(find_vae(cfg.ckpt, config, cfg.vae), device)
+    dit, config, step = load_dit(cfg.ckpt, device, cfg.ema)
+    vae_path = find_vae(cfg.ckpt, config, cfg.vae)
     kw = dict(steps=cfg.steps, context_noise=cfg.context_noise, seed=cfg.seed, slide=cfg.slide)
     kw |= dict(guidance=cfg.guidance, cuda_graph=cfg.cuda_graph) | overrides
-    return (NaiveWorldModel if naive else WorldModel)(dit, vae, config["latent_scale"], device, **kw)
+    engine = (NaiveWorldModel if naive else WorldModel)(
+        dit, load_vae(vae_path, device), config["latent_scale"], device, **kw
+    )
+    engine.source = dict(path=os.path.abspath(cfg.ckpt), step=step, vae=os.path.abspath(vae_path))  # for reports
+    return engine
 
 
 def set_threads(threads, device):

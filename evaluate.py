@@ -198,9 +198,6 @@ def main(cfg, argv=()):
         utils.die("--sweep-steps must be in 1..1000 and --sweep-context-noise in 0..999")
     utils.seed_everything(cfg.seed)
     engine = engines.load_world_model(cfg, device)
-    ckpt = utils.load_checkpoint(cfg.ckpt, kind="dit")
-    ckpt_step, vae_path = ckpt.get("step"), engines.find_vae(cfg.ckpt, ckpt["config"], cfg.vae)
-    del ckpt
     make = lambda st, cn: engines.WorldModel(
         engine.dit, engine.vae, engine.scale, device, st, cn, seed=cfg.seed, slide=cfg.slide, guidance=cfg.guidance,
         cuda_graph=cfg.cuda_graph,
@@ -235,9 +232,11 @@ def main(cfg, argv=()):
 
     m_tf, m_ar, gen = quality(engine, "main")
     # the same start points and noise from one real frame, as a user's --prompt frame.png starts a game
-    real = take(eps, ar_pts, 0, cfg.horizon + 1)
-    one = run(engine, eps, ar_pts, 1, cfg.horizon, recorded(eps, cfg.horizon), cfg, "one-frame rollouts")
-    m_one = rollout_block(real, np.concatenate([real[:, :1], one], 1), horizons) if P > 1 else m_ar
+    m_one = m_ar
+    if P > 1:
+        real = take(eps, ar_pts, 0, cfg.horizon + 1)
+        one = run(engine, eps, ar_pts, 1, cfg.horizon, recorded(eps, cfg.horizon), cfg, "one-frame rollouts")
+        m_one = rollout_block(real, np.concatenate([real[:, :1], one], 1), horizons)
     # the same rollouts (same noise) with each rollout's actions permuted: how much do the actions matter?
     rng = np.random.default_rng(cfg.seed)
     perm = {p: rng.permutation(cfg.horizon) for p in ar_pts}
@@ -269,7 +268,7 @@ def main(cfg, argv=()):
     metrics = {
         "config": dataclasses.asdict(cfg),
         "argv": list(argv),
-        "checkpoint": dict(path=os.path.abspath(cfg.ckpt), step=ckpt_step, vae=os.path.abspath(vae_path)),
+        "checkpoint": engine.source,
         "device": dev_name,
         "derived": dict(
             context=ctx, prompt=P, horizons=horizons, frame_size=engine.frame_size, model=engine.dit.config

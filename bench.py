@@ -45,6 +45,8 @@ class BenchConfig:
     train_vaes: str = arg("pong_cpu,pong", "train: comma-separated VAE configs (uvit_vae.VAE_CONFIGS keys)")
     vae_batch: int = arg(64, "train: VAE frames per step")
     model: str = arg(DEFAULT_MODEL, "forward, generate: DiT size from dit.DiT_models", choices=sorted(DiT_models))
+    patch_size: int = arg(0, "forward, generate: a random DiT of --model with this patch size (0: as --model)")
+    hidden_size: int = arg(0, "forward, generate: ... and this width, 64 per head (0: as --model)")
     window: int = arg(16, "frames per window T (the DiT's window; the cached step sees window - 1 frames)")
     batches: str = arg("1,32", "comma-separated batch sizes for the full forward")
     warmup: int = arg(2, "untimed calls before timing")
@@ -98,9 +100,17 @@ def random_inputs(model, b, t, device):
     return x, ts, a.float()
 
 
+def random_dit(cfg):
+    """A random DiT of --model, with --patch-size and --hidden-size when given."""
+    kw = dict(window=cfg.window) | ({"patch_size": cfg.patch_size} if cfg.patch_size else {})
+    if cfg.hidden_size:
+        kw |= dict(hidden_size=cfg.hidden_size, num_heads=max(1, cfg.hidden_size // 64))
+    return DiT_models[cfg.model](**kw).to(cfg.device).eval()
+
+
 def bench_forward(cfg):
     """DiT forward throughput, and the cached single-frame step against the full-window forward."""
-    model = DiT_models[cfg.model](window=cfg.window).to(cfg.device).eval()
+    model = random_dit(cfg)
     tokens_per_frame = model.grid_h * model.grid_w
     n_params = sum(p.numel() for p in model.parameters())
     print(f"DiT-{cfg.model}: {n_params / 1e6:.2f}M params, {tokens_per_frame} tokens/frame, device {cfg.device}")
@@ -171,8 +181,11 @@ def load_engine_parts(cfg):
     if path:
         dit, config, _ = engine.load_dit(path, cfg.device)
         vae = engine.load_vae(engine.find_vae(path, config), cfg.device)
+        if cfg.patch_size or cfg.hidden_size:  # another shape at the same speed test, on this VAE
+            dit = random_dit(cfg)
+            path = f"random DiT-{cfg.model}, patch {dit.patch_size}, width {dit.hidden_size} + the VAE of {path}"
         return dit, vae, config["latent_scale"], path
-    dit = DiT_models[cfg.model](window=cfg.window).to(cfg.device).eval()
+    dit = random_dit(cfg)
     return dit, build_vae("pong_cpu").to(cfg.device).eval(), 1.0, f"random DiT-{cfg.model} + pong_cpu VAE"
 
 

@@ -70,7 +70,8 @@ def main(cfg):
     vae_path = find_vae(dit_path, dit["config"], cfg.vae)
     vae = utils.load_checkpoint(vae_path, kind="vae")
     out_vae, out_dit = os.path.join(cfg.out, "pong_vae.pt"), os.path.join(cfg.out, "pong_dit.pt")
-    utils.atomic_torch_save(slim(vae), out_vae)
+    if os.path.abspath(vae_path) != os.path.abspath(out_vae):  # else already bundled: same bytes, same latent cache
+        utils.atomic_torch_save(slim(vae), out_vae)
     small = slim(dit)
     # the bundled pair: the DiT fine-tunes (train.py dit --init) on the bundled VAE's latents
     small["config"] = {**small["config"], "vae_path": "pong_vae.pt", "vae_fingerprint": utils.file_fingerprint(out_vae)}

@@ -128,6 +128,27 @@ def vae_metrics(vae, ds, n=256):
     return {"psnr": float(utils.psnr(real, rec).mean()), "ball_kept": kept, "n": len(real), "n_ball": int(has.sum())}
 
 
+@torch.no_grad()
+def own_context(model, x0, cond, k, gen, ac, steps=2):
+    """x0 (B, T, C, h, w) with frames T-1-k .. T-2 replaced by the model's own, as generation makes them.
+
+    Each is sampled as engine.WorldModel samples (DDIM, `steps` steps from pure noise, clean
+    context, the window's actions) after the real frames before T-1-k and the generated ones
+    since, so the target frame T-1 follows a context with the model's own mistakes (self-forcing).
+    """
+    B, T = x0.shape[:2]
+    x, ts = x0.clone(), diffusion.ddim_timesteps(steps)
+    for j in range(T - 1 - k, T - 1):
+        z = torch.randn(x0[:, j : j + 1].shape, generator=gen, device=gen.device).to(x.device)
+        t = torch.zeros(B, j + 1, dtype=torch.long, device=x.device)
+        for t_now, t_next in zip(ts[:-1], ts[1:]):
+            t[:, -1] = t_now
+            v = model(torch.cat([x[:, :j], z], 1), t, cond[:, : j + 1])[:, -1:].float()
+            z = diffusion.ddim_step(z, v, t_now, t_next, ac)
+        x[:, j] = z[:, 0]
+    return x
+
+
 class DiTTask:
     """Diffusion forcing on VAE latents: an independent noise level per frame, v-prediction."""
 
@@ -153,7 +174,9 @@ class DiTTask:
         ).to(device)
         if cfg.init:  # fine-tune a trained DiT (its EMA weights) on the same VAE's latents
             ck = utils.load_checkpoint(cfg.init, kind="dit")
-            if ck["config"]["model"] != json.loads(json.dumps(self.model.config)):
+            # the window holds no weights (RoPE over time), so a longer one can start from a shorter one
+            same = lambda c: {k: v for k, v in c.items() if k != "window"}
+            if same(ck["config"]["model"]) != same(json.loads(json.dumps(self.model.config))):
                 utils.die(f"--init {cfg.init}: model config {ck['config']['model']} differs from --model {cfg.model}")
             if ck["config"].get("vae_fingerprint") != fp:
                 utils.die(f"--init {cfg.init} was trained on another VAE's latents than --vae {cfg.vae}")
@@ -162,6 +185,10 @@ class DiTTask:
         self.extra_config = {"vae_path": os.path.abspath(vae_path), "vae_fingerprint": fp, "latent_scale": self.scale}
         self.ac = diffusion.alphas_cumprod_schedule().to(device)
         self.cfg, self.device = cfg, device
+        self.n_rollout = round(cfg.rollout_frac * cfg.batch_size)
+        self.rollout_frames = cfg.rollout_frames or cfg.window - 2
+        if self.n_rollout and not 1 <= self.rollout_frames <= cfg.window - 2:
+            utils.die(f"--rollout-frames {cfg.rollout_frames}: must be in 1..window-2 ({cfg.window - 2})")
         # The static background's latent: the per-cell median over a sample of training frames (--fg-weight).
         sample = self.train.sample(min(512, len(self.train)), torch.Generator().manual_seed(0))
         self.background = sample["latents"][:, 0].median(dim=0).values  # (C, h, w)
@@ -208,8 +235,24 @@ class DiTTask:
         w = self.cell_weights(x0)
         return (w * (v - target).square()).mean() / w.mean()
 
+    def rollout_loss(self, model, x0, t, noise, cond, gen):
+        """The last frame's loss after a generated context, which is clean (level 0), as at generation."""
+        ctx = own_context(model, x0, cond, self.rollout_frames, gen, self.ac)[:, :-1]
+        t = torch.cat([torch.zeros_like(t[:, :-1]), t[:, -1:]], 1)
+        last = diffusion.q_sample(x0[:, -1:], t[:, -1:], noise[:, -1:], self.ac)
+        v = model(torch.cat([ctx, last], 1), t, cond)[:, -1:].float()
+        return F.mse_loss(v, diffusion.v_target(x0[:, -1:], noise[:, -1:], t[:, -1:], self.ac))
+
     def loss(self, model, gen):
-        return self.loss_on(model, *self.make_batch(self.train, self.cfg.batch_size, gen)), {}
+        x0, t, noise, cond = self.make_batch(self.train, self.cfg.batch_size, gen)
+        r = self.n_rollout
+        if not r:
+            return self.loss_on(model, x0, t, noise, cond), {}
+        # the first r windows are trained on the model's own context; each window counts the same
+        ro = self.rollout_loss(model, x0[:r], t[:r], noise[:r], cond[:r], gen)
+        n = len(x0) - r
+        plain = self.loss_on(model, x0[r:], t[r:], noise[r:], cond[r:]) if n else ro
+        return (r * ro + n * plain) / len(x0), {"rollout_loss": ro.detach()}
 
     @torch.no_grad()
     def evaluate(self, model):

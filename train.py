@@ -94,6 +94,8 @@ class DiTConfig(TrainConfig):
     action_dropout: float = arg(0.1, "share of frames whose action is replaced by 'unknown' (zeros)")
     fg_weight: float = arg(0.0, "extra loss weight on latent cells that differ from the background or the last frame")
     fg_threshold: float = arg(0.5, "a cell differs when its latent moves by more than this (L2 over channels)")
+    rollout_frac: float = arg(0.0, "share of each batch trained on the model's own rollouts (self-forcing, lever 4)")
+    rollout_frames: int = arg(0, "frames the model generates before the target in those windows (0: window - 2)")
     sample_every: int = arg(1000, "steps between autoregressive sample rollouts (0: off)")
 
 

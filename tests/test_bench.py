@@ -42,3 +42,12 @@ def test_generate_ratio_is_total_over_naive_total():
     for b, label, total, per_stream, ratio in rows:
         assert float(total) == pytest.approx(int(b) * float(per_stream), rel=0.01, abs=0.2)
         assert float(ratio) == pytest.approx(float(total) / naive[b], rel=0.05, abs=0.06), (b, label)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "checkpoints", "pong_dit.pt")), reason="needs the bundle")
+def test_generate_times_another_patch_size_and_width():
+    """--patch-size/--hidden-size time a random DiT of that shape on the bundled VAE (the speed side of lever 2)."""
+    out = bench("--what", "generate", "--gen-frames", "2", "--gen-batches", "1", "--steps", "1",
+                "--model", "XS", "--patch-size", "1", "--hidden-size", "64")  # fmt: skip
+    assert "random DiT-XS, patch 1, width 64 + the VAE of" in out, out
+    assert re.search(r"chunk\+pipeline +[\d.]+ frames/s", out), out

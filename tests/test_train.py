@@ -394,3 +394,44 @@ def test_dit_init_starts_from_the_trained_weights(pipeline, tmp_path):
     one_line_error(run(*args, "--init", pipeline["vae"], "--out", str(tmp_path / "x"), check=False), "'vae'")
     other = run(*args, "--init", pipeline["dit"], "--model", "XS", "--out", str(tmp_path / "y"), check=False)
     one_line_error(other, "--init")
+
+
+def test_dit_init_may_lengthen_the_window(pipeline, tmp_path):
+    """The window holds no weights (RoPE over time): --init a 4-frame run into a 6-frame one, same weights."""
+    out = str(tmp_path / "long")
+    args = ["train.py", "dit", "--preset", "tiny", "--data", pipeline["data"], "--vae", pipeline["vae"]]
+    run(*args, "--wandb", "disabled", "--steps", "1", "--sample-every", "0", "--lr", "0", "--window", "6",
+        "--init", pipeline["dit"], "--out", out)  # fmt: skip
+    new = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    old = torch.load(os.path.join(pipeline["dit"], "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert new["config"]["model"]["window"] == 6 and old["config"]["model"]["window"] == 4
+    assert all(torch.equal(old["ema"][k], new["model"][k]) for k in old["ema"])
+
+
+def test_rollout_training_runs_and_checks_its_flags(pipeline, tmp_path):
+    """--rollout-frac trains part of each batch on the model's own context (tests/test_selfforcing.py: what it draws)."""
+    args = ["train.py", "dit", "--preset", "tiny", "--data", pipeline["data"], "--vae", pipeline["vae"]]
+    args += ["--wandb", "disabled", "--sample-every", "0", "--log-every", "2"]
+    p = run(*args, "--steps", "4", "--rollout-frac", "0.5", "--out", str(tmp_path / "ro"))
+    ro = [float(m) for m in re.findall(r"rollout_loss ([0-9.eE+-]+)", p.stdout)]
+    assert len(ro) == 2 and all(0 < v < 10 for v in ro), p.stdout
+    bad = run(*args, "--rollout-frac", "0.5", "--rollout-frames", "3", "--out", str(tmp_path / "x"), check=False)
+    one_line_error(bad, "--rollout-frames 3")
+
+
+def test_bundle_then_finetune_then_rebundle_in_place(pipeline, tmp_path):
+    """make train-cpu's last stages: bundle, fine-tune on the bundled VAE, bundle again; the VAE file stays as it is."""
+    import utils
+
+    out = str(tmp_path / "ck")
+    run("bundle.py", "--dit", pipeline["dit"], "--out", out)
+    vae, dit = os.path.join(out, "pong_vae.pt"), os.path.join(out, "pong_dit.pt")
+    ck = torch.load(dit, map_location="cpu", weights_only=True)
+    assert ck["config"]["vae_fingerprint"] == utils.file_fingerprint(vae)
+    assert all(v.dtype == torch.float16 for v in ck["ema"].values() if v.is_floating_point())
+    before = open(vae, "rb").read()
+    args = ["train.py", "dit", "--preset", "tiny", "--data", pipeline["data"], "--vae", vae, "--init", dit]
+    run(*args, "--wandb", "disabled", "--steps", "2", "--sample-every", "0", "--out", str(tmp_path / "ft"))
+    run("bundle.py", "--dit", str(tmp_path / "ft"), "--vae", vae, "--out", out)
+    assert open(vae, "rb").read() == before
+    assert torch.load(dit, map_location="cpu", weights_only=True)["step"] == 2

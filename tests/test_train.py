@@ -409,7 +409,7 @@ def test_dit_init_may_lengthen_the_window(pipeline, tmp_path):
 
 
 def test_rollout_training_runs_and_checks_its_flags(pipeline, tmp_path):
-    """--rollout-frac trains part of each batch on the model's own context (tests/test_selfforcing.py: what it draws)."""
+    """--rollout-frac trains part of each batch on the model's own context (test_selfforcing.py: what it draws)."""
     args = ["train.py", "dit", "--preset", "tiny", "--data", pipeline["data"], "--vae", pipeline["vae"]]
     args += ["--wandb", "disabled", "--sample-every", "0", "--log-every", "2"]
     p = run(*args, "--steps", "4", "--rollout-frac", "0.5", "--out", str(tmp_path / "ro"))

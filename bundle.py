@@ -70,8 +70,7 @@ def main(cfg):
     vae_path = find_vae(dit_path, dit["config"], cfg.vae)
     vae = utils.load_checkpoint(vae_path, kind="vae")
     out_vae, out_dit = os.path.join(cfg.out, "pong_vae.pt"), os.path.join(cfg.out, "pong_dit.pt")
-    if os.path.abspath(vae_path) != os.path.abspath(out_vae):  # else already bundled: same bytes, same latent cache
-        utils.atomic_torch_save(slim(vae), out_vae)
+    utils.atomic_torch_save(slim(vae), out_vae)  # re-bundling in place writes the same bytes (same latent cache)
     small = slim(dit)
     # the bundled pair: the DiT fine-tunes (train.py dit --init) on the bundled VAE's latents
     small["config"] = {**small["config"], "vae_path": "pong_vae.pt", "vae_fingerprint": utils.file_fingerprint(out_vae)}

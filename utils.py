@@ -102,7 +102,14 @@ def _atomic(path, write):
 
 
 def atomic_torch_save(obj, path):
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save, atomically. Through a file object: given a path, torch names the archive inside after
+    the (random) temp file, so the same object saved twice would differ in bytes and in file_fingerprint."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    _atomic(path, write)
 
 
 def atomic_savez(path, **arrays):

@@ -62,6 +62,7 @@ class EvalConfig(engines.ModelConfig):
 DESCRIPTION = __doc__.splitlines()[0] + " (--quick is short for --preset quick)"
 QUICK = dict(rollouts=4, horizon=8, horizons="1,4,8", tf_frames=8, vae_frames=16, control_frames=4, speed_frames=4)
 PRESETS = {"quick": {**QUICK, "batch": 4}}
+STOP = utils.INTERRUPTS  # installed by main; checked between generated frames
 
 
 # -----------------------------------------------------------------------------
@@ -130,6 +131,7 @@ def run(engine, eps, points, n_prompt, T, actions_fn, cfg, desc):
         engine.reset(*prompt_of(eps, chunk, n_prompt))
         frames = []
         for k in range(T):
+            STOP.check()  # Ctrl-C / SIGTERM: stop between two frames
             frames.append(engine.step(acts[:, k]).cpu().numpy())
             bar.update(len(chunk))
         out.append(np.stack(frames, 1))
@@ -146,6 +148,7 @@ def fps_batch1(engine, eps, point, n_prompt, n):
         engine.reset(*prompt_of(eps, [point], n_prompt))
         a = torch.zeros(1, dtype=torch.long, device=engine.device)
         for k in range(n + 2):
+            STOP.check()
             if k == 2:  # the first frames pay for lazy initialisation
                 t0 = time.perf_counter()
             frame = engine.step_pipelined(a)  # the previous call's frame
@@ -185,6 +188,7 @@ def parse_list(flag, text):
 
 
 def main(cfg, argv=()):
+    STOP.install()
     device = utils.pick_device(cfg.device)
     if not os.path.isdir(cfg.data):
         utils.die(f"--data {cfg.data}: no such directory")
@@ -259,7 +263,8 @@ def main(cfg, argv=()):
             st, cn = (v, cfg.context_noise) if name == "steps" else (cfg.steps, v)
             eng = engine if (st, cn) == (cfg.steps, cfg.context_noise) else make(st, cn)
             tf, ar = (m_tf, m_ar) if eng is engine else quality(eng, f"{name}={v}")[:2]
-            row = {"steps": st, "context_noise": cn} | {f"tf_{k}": tf[k] for k in ("psnr", "ssim", "ball_presence")}
+            row = {"steps": st, "context_noise": cn}
+            row |= {f"tf_{k}": tf[k] for k in ("psnr", "ssim", "ball_presence", "ball_error_px", "ball_hit_rate")}
             row |= {f"ar_{k}": ar[k] for k in ("psnr", "psnr_mean", "ball_presence", "ball_spurious")}
             row |= {f"ar_{k}": ar[k] for k in ("ball_error_first16_px", "ball_hit_rate")}
             rows.append(row | {"fps_batch1": fps_batch1(eng, eps, ar_pts[0], P, cfg.speed_frames)})
@@ -294,4 +299,9 @@ def main(cfg, argv=()):
 
 if __name__ == "__main__":
     argv = ["--preset=quick" if a == "--quick" else a for a in sys.argv[1:]]
-    main(utils.parse_config(EvalConfig, argv, presets=PRESETS, description=DESCRIPTION), argv)
+    cfg = utils.parse_config(EvalConfig, argv, presets=PRESETS, description=DESCRIPTION)
+    try:
+        main(cfg, argv)
+    except KeyboardInterrupt:
+        what = f"interrupted ({STOP.name or 'SIGINT'})"
+        utils.die(f"{what}; nothing written to {cfg.out}", STOP.exit_code if STOP else 130)

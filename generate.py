@@ -16,6 +16,7 @@ The engine (the KV-cached sampler, the pipelined decode) is engine.WorldModel.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,7 @@ class GenerateConfig(ModelConfig):
 
 
 def main(cfg):
+    stop = utils.INTERRUPTS.install()  # Ctrl-C / SIGTERM: stop between two frames, write those made so far
     device = utils.pick_device(cfg.device)
     if cfg.frames < 2:
         utils.die(f"--frames must be at least 2, found {cfg.frames}")
@@ -82,11 +84,17 @@ def main(cfg):
     frames = [rep(prompt)]  # (batch, n, H, W, 3)
     a = actions.to(device)
     for k in tqdm(range(n - 1, len(actions)), desc="generating", unit="frame"):
+        if stop:
+            break
         frame = engine.step_pipelined(a[k : k + 1].expand(cfg.batch))  # the previous frame, or None
         if frame is not None:
             frames.append(frame.cpu().numpy()[:, None])
-    frames.append(engine.flush().cpu().numpy()[:, None])
+    last = engine.flush()
+    if last is not None:
+        frames.append(last.cpu().numpy()[:, None])
     frames = np.concatenate(frames, 1)  # (batch, N, H, W, 3)
+    if stop:
+        print(f"interrupted ({stop.name}) after {frames.shape[1]} of {cfg.frames} frames; writing those")
     for b in range(cfg.batch):
         video = frames[b]
         if real is not None:
@@ -96,7 +104,13 @@ def main(cfg):
         path = cfg.out if cfg.batch == 1 else f"{root}_{b}{ext}"
         utils.write_video(path, video, cfg.fps, 1 if ext == ".npz" else cfg.scale)
         print(f"wrote {path}: {len(video)} frames")
+    if stop:
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":
-    main(utils.parse_config(GenerateConfig, description=__doc__.splitlines()[0]))
+    cfg = utils.parse_config(GenerateConfig, description=__doc__.splitlines()[0])
+    try:
+        main(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first frame
+        utils.die("interrupted", 130)

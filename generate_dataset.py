@@ -36,6 +36,7 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+import signal
 import tempfile
 import time
 from queue import Empty
@@ -46,6 +47,7 @@ from agents import ensure_agent, make_agent
 from dataset import load_episode, read_meta
 from utils import (
     ACTION_NAMES,
+    INTERRUPTS,
     NUM_ACTIONS,
     FrameResizer,
     arg,
@@ -170,30 +172,39 @@ def record(cfg, episodes):
             yield "frames", len(raw)
             yield from drain(8)
         yield from drain(0)
-    finally:
-        writer.shutdown(wait=True, cancel_futures=True)
+    finally:  # also when the caller stops early (generator close): the queued writes finish, episodes whole
+        writer.shutdown(wait=True)
         env.close()
 
 
-def _worker(cfg, episodes, queue, parent):
+def _worker(cfg, episodes, queue, parent, stop_all):
+    stop = INTERRUPTS.install()  # a terminal's Ctrl-C reaches every worker too
+    gen = record(cfg, episodes)
     try:
-        for msg in record(cfg, episodes):
-            if os.getppid() != parent:  # the parent was killed: stop instead of running on
+        for msg in gen:
+            if stop or stop_all.is_set() or os.getppid() != parent:  # asked to stop, or the parent was killed
+                queue.cancel_join_thread()  # nobody may read the rest: never block on exit for it
                 return
             queue.put(msg)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second signal
         return
     except Exception as e:  # noqa: BLE001 - reported to the parent, which exits with it
         queue.put(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        gen.close()
     queue.put(("exit", None))
 
 
 def record_parallel(cfg, todo):
-    """Workers 0..W-1 record todo[i::W] in separate processes; yields their messages."""
+    """Workers 0..W-1 record todo[i::W] in separate processes; yields their messages.
+
+    Closing the generator (the caller stopped on a signal) asks the workers to stop after their
+    current chunk; each saves nothing half done, and one that has not stopped within 8 s is killed.
+    """
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, stop_all = ctx.Queue(), ctx.Event()
     procs = [
-        ctx.Process(target=_worker, args=(cfg, todo[i :: cfg.workers], queue, os.getpid()), daemon=True)
+        ctx.Process(target=_worker, args=(cfg, todo[i :: cfg.workers], queue, os.getpid(), stop_all), daemon=True)
         for i in range(min(cfg.workers, len(todo)))
     ]
     for p in procs:
@@ -212,10 +223,17 @@ def record_parallel(cfg, todo):
                 raise RuntimeError(value)
             if kind != "exit":
                 yield kind, value
-    finally:  # after an error or Ctrl-C, stop the workers still running
+    finally:  # done, an error, or the caller stopped: end the workers still running
+        stop_all.set()
+        deadline = time.time() + 8
+        while any(p.is_alive() for p in procs) and time.time() < deadline:
+            try:  # keep the queue drained, so that no worker blocks on a full pipe
+                queue.get(timeout=0.1)
+            except Empty:
+                pass
         for p in procs:
-            if running:
-                p.terminate()
+            if p.is_alive():
+                p.kill()
             p.join()
 
 
@@ -357,7 +375,12 @@ def main(cfg):
     check_config(cfg)
     todo = prepare_out(cfg)
     if todo:
-        ensure_agent(cfg)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # training an agent: SIGTERM stops it as Ctrl-C
+        try:
+            ensure_agent(cfg)
+        except KeyboardInterrupt:
+            die("interrupted while training the agent; nothing saved", 130)
+    stop = INTERRUPTS.install()  # from here on, a signal stops the recording between two chunks
     from tqdm import tqdm
 
     print(f"recording {len(todo)} of {cfg.episodes} episodes into {cfg.out} ({cfg.agent}, {cfg.workers} workers)")
@@ -371,10 +394,16 @@ def main(cfg):
             else:
                 saved += 1
                 bar.set_postfix(episodes=f"{saved}/{len(todo)}")
-    except KeyboardInterrupt:
+            if stop:
+                break
+    except KeyboardInterrupt:  # a second signal
+        pass
+    finally:
+        gen.close()  # the writes in flight finish; workers stop
         bar.close()
-        die("interrupted; the finished episodes are kept: run the same command again to resume", 130)
-    bar.close()
+    if stop:
+        die(f"interrupted ({stop.name}); the {saved} finished episodes are kept: run the same command again to resume",
+            stop.exit_code)  # fmt: skip
     dt = time.time() - t0
     run = dict(episodes=len(todo), frames=bar.n, seconds=round(dt, 2), frames_per_s=round(bar.n / max(dt, 1e-9), 1))
     total = summarize(cfg, run)

@@ -22,7 +22,6 @@ and leads to frame k+1. A key tapped between two frames still counts for the nex
 """
 
 import os
-import signal
 import sys
 import threading
 import time
@@ -274,12 +273,9 @@ class Screen:
 # -----------------------------------------------------------------------------
 
 
-def interrupt(signum, frame):
-    """SIGTERM (`kill`) ends the game as Ctrl-C does, so the recording is saved too."""
-    raise KeyboardInterrupt
-
-
 def main(cfg):
+    # Ctrl-C and SIGTERM (`kill`) end the game between two frames, so the recording is saved whole.
+    stop = utils.INTERRUPTS.install()
     device = utils.pick_device(cfg.device)
     if cfg.headless and cfg.frames < 1:
         utils.die(f"--headless needs --frames N (N >= 1), found {cfg.frames}")
@@ -311,9 +307,9 @@ def main(cfg):
     model_dt, writers = None, []  # writers: the threads encoding finished games' videos
     who = f"--policy {policy_spec}" if policy else "the keyboard"
     print(f"playing on {device} (steps {cfg.steps}, {size}x{size}), driven by {who}", flush=True)
-    signal.signal(signal.SIGTERM, interrupt)
+    shown_at = None  # --headless prints its progress after the first frame, then every 5 s
     try:
-        while True:
+        while not stop:
             commands, keys = screen.poll()
             if "quit" in commands:
                 break
@@ -340,13 +336,16 @@ def main(cfg):
                 game.panels(), f"{rate:.1f} frames/s (model {1 / model_dt:.1f}/s)  {utils.ACTION_NAMES[action]}"
             )
             played += 1
+            if cfg.headless and (shown_at is None or time.perf_counter() - shown_at > 5):
+                shown_at = time.perf_counter()
+                print(f"played {played} frames", flush=True)
             if not cfg.headless and cfg.fps:
                 clock.tick(cfg.fps)  # the cap; headless runs flat out, so it measures the model
             busy += time.perf_counter() - t0
             if cfg.frames and played >= cfg.frames:
                 break
-    except KeyboardInterrupt:
-        print("interrupted")
+    except KeyboardInterrupt:  # a second signal stops mid-frame; the game so far is still saved
+        pass
     finally:  # Esc, window closed, --frames reached, Ctrl-C: the game so far is saved
         if cfg.record:
             writers.append(save_game(game, cfg))
@@ -357,6 +356,8 @@ def main(cfg):
             env.close()
         for w in filter(None, writers):
             w.join()
+    if stop:
+        print(f"interrupted ({stop.name})")
     print(f"played {played} frames at {played / max(busy, 1e-9):.1f} frames/s ({device}, steps {cfg.steps})")
 
 

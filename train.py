@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -91,6 +92,14 @@ class DiTConfig(TrainConfig):
     window: int = arg(16, "frames per training window: the DiT's context window")
     ctx_noise_prob: float = arg(0.0, "share of windows trained GameNGen-style (clean-ish context, noisy last frame)")
     ctx_noise_max: int = arg(300, "max noise level of the context in those windows")
+    clean_context: float = arg(
+        0.0,
+        "share of windows asked what generation asks: a clean context (level 0), "
+        "the loss on the last frame only (GameNGen)",
+    )
+    clean_context_noise: int = arg(0, "in those windows the context's levels are drawn from 0..this (augmentation)")
+    sampler_levels: float = arg(0.0, "share of noise levels drawn at the DDIM sampler's levels (999, 500 for 2 steps)")
+    sampler_steps: int = arg(2, "the sampler whose levels --sampler-levels draws: DDIM steps, as generate.py --steps")
     action_dropout: float = arg(0.1, "share of frames whose action is replaced by 'unknown' (zeros)")
     fg_weight: float = arg(0.0, "extra loss weight on latent cells that differ from the background or the last frame")
     fg_threshold: float = arg(0.5, "a cell differs when its latent moves by more than this (L2 over channels)")
@@ -246,6 +255,9 @@ def save(path, model, ema, opt, step, config, elapsed, gen):
 
 
 def main(kind, cfg):
+    # Preemption: SIGTERM (a scheduler's; SLURM sends it before SIGKILL), SIGUSR1 (sent ahead of time on
+    # request) or Ctrl-C finishes the step in flight, saves the checkpoint and exits; --resume continues.
+    signalled = utils.INTERRUPTS.install((signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
     utils.seed_everything(cfg.seed + rank)
@@ -272,6 +284,16 @@ def main(kind, cfg):
 
     t0 = time.time()
     elapsed = lambda: elapsed0 + time.time() - t0  # training seconds, across resumes
+    flags = torch.distributed.new_group(backend="gloo") if world > 1 else None
+
+    def stop_now():
+        """Was any rank signalled? Every rank gets the same answer, so all stop after the same step.
+        The flag is all-reduced on the CPU (gloo): no GPU sync."""
+        if flags is None:
+            return bool(signalled)
+        flag = torch.tensor([int(bool(signalled))])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=flags)
+        return bool(flag.item())
 
     def progress():
         p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -290,7 +312,7 @@ def main(kind, cfg):
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True, desc=kind)
-    t_log, last_saved, start_step = time.time(), step, step
+    t_log, last_saved, start_step, stopped = time.time(), step, step, False
     loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync between log steps
     while step < cfg.steps:
         for g in opt.param_groups:
@@ -337,13 +359,22 @@ def main(kind, cfg):
             last_saved = step
         if last:
             break
+        if stop_now():
+            stopped = True
+            break
     bar.close()
     if step > start_step and last_saved != step:
         checkpoint(step)
-    logger.log(step, {}, f"done: step {step}, {elapsed():.0f}s of training, checkpoint {ckpt_path}")
+    msg = f"done: step {step}, {elapsed():.0f}s of training, checkpoint {ckpt_path}"
+    if stopped:
+        msg = f"stopped by {signalled.name or 'a signal to another rank'} after step {step}: checkpoint {ckpt_path} "
+        msg += "saved; continue with --resume"
+    logger.log(step, {}, msg)
     logger.close()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if stopped:
+        sys.exit(128 + (signalled.signum or signal.SIGTERM))
 
 
 if __name__ == "__main__":
@@ -361,4 +392,10 @@ if __name__ == "__main__":
         description=f"train.py {kind}: " + __doc__.splitlines()[0],
         prog=f"train.py {kind}",
     )
-    main(kind, cfg)
+    try:
+        main(kind, cfg)
+    except KeyboardInterrupt:  # a signal before the first step (e.g. while encoding the latent cache), or a second one
+        name = utils.INTERRUPTS.name or "SIGINT"
+        utils.die(
+            f"interrupted ({name}); {cfg.out}/ckpt.pt holds the last checkpoint, if any", 128 + signal.Signals[name]
+        )

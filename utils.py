@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 
@@ -78,6 +79,56 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# interrupts: Ctrl-C and SIGTERM stop a long command at a safe point
+
+
+class Interrupts:
+    """A signal (Ctrl-C's SIGINT, SIGTERM, a scheduler's SIGUSR1) only sets a flag; the loop checks it.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be: inside a thread pool's
+    submit or a future's wait, half-way through a save. The loops here stop between two steps
+    instead, where nothing is half done, then save what they made. A second signal raises
+    KeyboardInterrupt at once, for a user who does not want to wait.
+        stop = utils.INTERRUPTS.install()
+        while ...: step(); if stop: break
+    Signal handlers belong to the process, so it has one instance: INTERRUPTS.
+    """
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        for s in signals:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __bool__(self):
+        return self.signum is not None
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def exit_code(self):
+        """The shell's convention for a command ended by signal N: 128 + N (130 for Ctrl-C)."""
+        return 128 + (self.signum or 0)
+
+    def check(self):
+        """Raise KeyboardInterrupt here, at a safe point, if a signal came."""
+        if self.signum is not None:
+            raise KeyboardInterrupt
+
+
+INTERRUPTS = Interrupts()
 
 
 # -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ perfect (oracle) world model, end to end on a tiny untrained model, and one-line
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -239,3 +240,24 @@ def test_bad_input_dies_with_one_line(heldout, tmp_path, capsys):
             evaluate.main(evaluate.EvalConfig(**{**kw, **overrides}))
         err = capsys.readouterr().err
         assert e.value.code != 0 and len(err.strip().splitlines()) == 1 and needle in err, (overrides, err)
+
+
+def test_ctrl_c_is_one_line_and_writes_nothing(heldout, tmp_path):
+    out = tmp_path / "cut"
+    p = subprocess.Popen(
+        [sys.executable, "evaluate.py", "--ckpt", heldout["dit"], "--data", heldout["data"], "--out", str(out),
+         "--quick", "--rollouts", "100000", "--horizon", "100"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in p.stdout:  # each phase prints a line off a terminal: wait for the rollouts to start
+            if "rollouts" in line:
+                break
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and err.strip().splitlines() == [
+        f"error: interrupted (SIGINT); nothing written to {out}"
+    ]
+    assert not out.exists()

@@ -1,6 +1,8 @@
 """generate.py: the cached sampler equals the naive one, the CLI writes what it says, bad input gets one line."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -265,3 +267,28 @@ def test_cli_accepts_several_prompt_frames(ckpts, tmp_path):
     out = np.load(tmp_path / "o.npz")["frames"]
     assert out.shape == (7, S, S, 3)
     np.testing.assert_array_equal(out[:3], frames)  # the prompt frames come first, unchanged
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_writes_the_frames_made_so_far(ckpts, tmp_path, sig):
+    """Ctrl-C (or SIGTERM) mid-rollout: one line, no traceback, and the frames made so far in --out."""
+    out = tmp_path / "cut.npz"
+    p = subprocess.Popen(
+        [sys.executable, "generate.py", "--ckpt", str(ckpts / "dit.pt"), "--prompt", str(ckpts / "episode_00000.npz"),
+         "--frames", "1000000", "--steps", "1", "--out", str(out)],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        seen = ""
+        while not re.search(r"\| *([2-9]|\d\d+)/1000000", seen):  # tqdm's count: wait for frames, not for time
+            chunk = os.read(p.stderr.fileno(), 4096).decode()
+            assert chunk, f"generate.py ended before making frames: {seen[-500:]}"
+            seen += chunk
+        p.send_signal(sig)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + sig and "Traceback" not in seen + stderr, stderr
+    m = re.search(r"interrupted \(\w+\) after (\d+) of 1000000 frames", stdout)
+    assert m, stdout
+    assert len(np.load(out)["frames"]) == int(m.group(1)) >= 2

@@ -107,7 +107,10 @@ def next_frame_block(real, gen):
     """Per-frame metrics of (N, H, W, 3) frames; ball_presence: share of real balls also seen in gen."""
     dr, dg, err, presence = objects(real, gen)
     m = dict(psnr=utils.psnr(real, gen).mean(), ssim=ssim(real, gen).mean(), ball_presence=presence)
-    return {k: float(v) for k, v in m.items()} | {"ball_error_px": float(nanmean(err["ball"])), "n": len(real)}
+    m |= dict(ball_spurious=share(dg["ball_present"], ~dr["ball_present"]))
+    m |= dict(ball_hit_rate=share(err["ball"] <= HIT_PX, dr["ball_present"]))  # NaN (no ball drawn) is a miss
+    out = {k: float(v) for k, v in m.items()} | {"ball_error_px": float(nanmean(err["ball"])), "n": len(real)}
+    return out | {"n_ball": int(dr["ball_present"].sum())}
 
 
 def rollout_block(real, gen, horizons):
@@ -151,7 +154,11 @@ def to_json(x, notes, path=""):
 
 
 def plot(path, m, horizon):
-    import matplotlib
+    """PSNR and object errors against the horizon, as a PNG; skipped (False) where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU image: metrics.json is the result, the plot is a convenience
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -188,6 +195,8 @@ def report(m, horizons):
     out.append(f"VAE recon.    PSNR {f(vae['psnr'])} dB  SSIM {f(vae['ssim'], 3)}  ball kept {f(vae['ball_presence'])}")
     out.append(
         f"teacher-f.    PSNR {f(tf['psnr'])} dB  SSIM {f(tf['ssim'], 3)}  ball presence {f(tf['ball_presence'])}"
+        f"  spurious {f(tf.get('ball_spurious'))}  error {f(tf['ball_error_px'])} px"
+        f"  hit rate (<= {HIT_PX} px) {f(tf.get('ball_hit_rate'))}  ({tf['n']} frames, {tf.get('n_ball')} with a ball)"
     )
     for name, ar in runs.items():
         out.append(f"{m['counts']['rollouts']} rollouts, {name}, step " + "".join(f"{k:>7}" for k in horizons))
@@ -211,9 +220,10 @@ def report(m, horizons):
     )
     out.append(f"speed         {f(m['speed']['frames_per_s_batch1'], 1)} frames/s at batch 1 on {m['device']}")
     for name, rows in m["sweeps"].items():
-        out.append(f"sweep {name}: steps noise  tf dB  ar dB  ball  spur.  err16   hit   fps")
+        out.append(f"sweep {name}: steps noise  tf dB tf err tf hit  ar dB  ball  spur.  err16   hit   fps")
         out += [
             f"{'':>{len(name) + 7}}{r['steps']:>5} {r['context_noise']:>5} {f(r['tf_psnr']):>6} "
+            f"{f(r.get('tf_ball_error_px'), 1):>6} {f(r.get('tf_ball_hit_rate')):>6} "
             f"{f(r['ar_psnr_mean']):>6} {f(r['ar_ball_presence']):>5} {f(r['ar_ball_spurious']):>6} "
             f"{f(r['ar_ball_error_first16_px'], 1):>6} {f(r['ar_ball_hit_rate']):>5} {f(r['fps_batch1'], 1):>5}"
             for r in rows

@@ -164,8 +164,15 @@ class DiTTask:
         self.scale = float(self.vae.scaling_factor)
         train_files, val_files, _ = load_split(cfg)
         fp = utils.file_fingerprint(vae_path)
-        encode = lambda frames: self.vae.encode(to_float_frames(torch.from_numpy(frames).to(device))).mean
-        build_latent_cache(train_files + val_files, fp, encode, master)
+
+        def encode(frames):  # chunk by chunk: a signal stops here, before the episode's file is written
+            utils.INTERRUPTS.check()
+            return self.vae.encode(to_float_frames(torch.from_numpy(frames).to(device))).mean
+
+        try:  # a corrupt episode is met here first when no cache exists yet
+            build_latent_cache(train_files + val_files, fp, encode, master)
+        except (FileNotFoundError, ValueError) as e:
+            utils.die(str(e))
         self.train = windows(train_files, cfg.window, device, latents=fp, scale=self.scale)
         self.val = windows(val_files, cfg.window, device, latents=fp, scale=self.scale) if val_files else self.train
         c, h, w = self.train.data.shape[1:]
@@ -187,6 +194,11 @@ class DiTTask:
         self.cfg, self.device = cfg, device
         self.n_rollout = round(cfg.rollout_frac * cfg.batch_size)
         self.rollout_frames = cfg.rollout_frames or cfg.window - 2
+        for flag in ("clean_context", "sampler_levels"):
+            if not 0 <= getattr(cfg, flag) <= 1:
+                utils.die(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be a share in 0..1")
+        if not 0 <= cfg.clean_context_noise < diffusion.NUM_TIMESTEPS or cfg.sampler_steps < 1:
+            utils.die("--clean-context-noise must be in 0..999 and --sampler-steps at least 1")
         if self.n_rollout and not 1 <= self.rollout_frames <= cfg.window - 2:
             utils.die(f"--rollout-frames {cfg.rollout_frames}: must be in 1..window-2 ({cfg.window - 2})")
         # The static background's latent: the per-cell median over a sample of training frames (--fg-weight).
@@ -195,27 +207,49 @@ class DiTTask:
         self.tokens_per_sample = cfg.window * self.model.grid_h * self.model.grid_w
         self.flops_per_sample = 3 * flops_per_frame(self.model) * cfg.window  # forward + backward
 
-    def noise_levels(self, B, T, gen):
-        t = torch.randint(0, diffusion.NUM_TIMESTEPS, (B, T), generator=gen, device=gen.device)
-        if self.cfg.ctx_noise_prob > 0:
-            # GameNGen-style windows: a lightly noised context and a fully random last frame.
-            pick = torch.rand(B, generator=gen, device=gen.device) < self.cfg.ctx_noise_prob
-            ctx = torch.randint(0, self.cfg.ctx_noise_max + 1, (B, T), generator=gen, device=gen.device)
-            t = torch.where(pick[:, None], torch.cat([ctx[:, :-1], t[:, -1:]], 1), t)
-        return t
+    def noise_levels(self, B, T, gen, ask=None):
+        """(B, T) noise levels, and the (B,) windows that ask generation's question (`clean`).
 
-    def make_batch(self, ds, B, gen):
+        Diffusion forcing draws every frame's level uniformly. --sampler-levels moves a share of the
+        draws onto the levels the DDIM sampler queries (999 and 500 for 2 steps). A `clean` window
+        (--clean-context) has its context at level 0 (up to --clean-context-noise) as at generation,
+        and only its last frame is a target. Nothing extra is drawn for a flag left at 0, so the
+        default recipe's random stream is unchanged. ask="forcing" (uniform levels) or "next" (clean
+        context, uniform target) ignores the flags: validation asks every run the same questions.
+        """
+        cfg, dev = self.cfg, gen.device
+        t = torch.randint(0, diffusion.NUM_TIMESTEPS, (B, T), generator=gen, device=dev)
+        clean = torch.full((B,), ask == "next", dtype=torch.bool, device=dev)
+        if ask is not None:
+            return torch.where(clean[:, None] & (torch.arange(T, device=dev) < T - 1), 0, t), clean
+        if cfg.sampler_levels > 0:
+            levels = torch.tensor([s for s in diffusion.ddim_timesteps(cfg.sampler_steps) if s >= 0], device=dev)
+            pick = levels[torch.randint(0, len(levels), (B, T), generator=gen, device=dev)]
+            t = torch.where(torch.rand(B, T, generator=gen, device=dev) < cfg.sampler_levels, pick, t)
+        if cfg.ctx_noise_prob > 0:
+            # GameNGen-style windows: a lightly noised context and a fully random last frame.
+            pick = torch.rand(B, generator=gen, device=dev) < cfg.ctx_noise_prob
+            ctx = torch.randint(0, cfg.ctx_noise_max + 1, (B, T), generator=gen, device=dev)
+            t = torch.where(pick[:, None], torch.cat([ctx[:, :-1], t[:, -1:]], 1), t)
+        if cfg.clean_context > 0:
+            clean = torch.rand(B, generator=gen, device=dev) < cfg.clean_context
+            ctx = torch.randint(0, cfg.clean_context_noise + 1, (B, T - 1), generator=gen, device=dev)
+            t = torch.where(clean[:, None], torch.cat([ctx, t[:, -1:]], 1), t)
+        return t, clean
+
+    def make_batch(self, ds, B, gen, ask=None):
         batch = ds.sample(B, gen)
         x0, cond = batch["latents"], batch["prev_actions"]  # (B, T, C, H, W), (B, T, A)
         T = x0.shape[1]
         # drawn where gen lives (the training device): no copy from the host, so no sync, in a step
-        t = self.noise_levels(B, T, gen).to(self.device)
+        t, clean = self.noise_levels(B, T, gen, ask)
+        t, clean = t.to(self.device), clean.to(self.device)
         noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(self.device)
         if self.cfg.action_dropout > 0:
             keep = (torch.rand(B, T, 1, generator=gen, device=gen.device) >= self.cfg.action_dropout).float()
             keep = keep.to(self.device)
             cond = cond * keep
-        return x0, t, noise, cond
+        return x0, t, noise, cond, clean
 
     def cell_weights(self, x0):
         """(B, T, 1, h, w): 1 + fg_weight where a latent cell differs from the background or from the last frame.
@@ -227,13 +261,24 @@ class DiTTask:
         fg[:, 1:] |= moved(x0[:, 1:], x0[:, :-1])
         return 1.0 + self.cfg.fg_weight * fg.float()
 
-    def loss_on(self, model, x0, t, noise, cond, weighted=True):
+    def loss_on(self, model, x0, t, noise, cond, clean=None, weighted=True):
+        """MSE on v. A clean window's context is given clean, as generation gives it, and is no target.
+
+        Every window counts the same: a diffusion-forcing window averages its T frames, a clean
+        window is its last frame.
+        """
+        B, T = t.shape
         x_t = diffusion.q_sample(x0, t, noise, self.ac)
+        if clean is None:
+            clean = torch.zeros(B, dtype=torch.bool, device=t.device)
+        ctx = clean[:, None] & (torch.arange(T, device=t.device) < T - 1)  # (B, T): frames that are only context
+        x_t = torch.where((ctx & (t == 0))[..., None, None, None], x0, x_t)  # level 0: the clean latent itself
         v, target = model(x_t, t, cond).float(), diffusion.v_target(x0, noise, t, self.ac)
-        if not weighted or self.cfg.fg_weight == 0:
-            return F.mse_loss(v, target)
-        w = self.cell_weights(x0)
-        return (w * (v - target).square()).mean() / w.mean()
+        w = self.cell_weights(x0) if weighted and self.cfg.fg_weight else torch.ones_like(x0[:, :, :1])
+        frame = (~ctx).float()
+        frame = frame / frame.sum(1, keepdim=True)  # (B, T): the frames of a window share a weight of 1
+        err = (w * (v - target).square()).mean(dim=(2, 3, 4))  # (B, T)
+        return (frame * err).sum() / (frame * w.mean(dim=(2, 3, 4))).sum()
 
     def rollout_loss(self, model, x0, t, noise, cond, gen):
         """The last frame's loss after a generated context, which is clean (level 0), as at generation."""
@@ -244,23 +289,29 @@ class DiTTask:
         return F.mse_loss(v, diffusion.v_target(x0[:, -1:], noise[:, -1:], t[:, -1:], self.ac))
 
     def loss(self, model, gen):
-        x0, t, noise, cond = self.make_batch(self.train, self.cfg.batch_size, gen)
+        x0, t, noise, cond, clean = self.make_batch(self.train, self.cfg.batch_size, gen)
         r = self.n_rollout
         if not r:
-            return self.loss_on(model, x0, t, noise, cond), {}
+            return self.loss_on(model, x0, t, noise, cond, clean), {}
         # the first r windows are trained on the model's own context; each window counts the same
         ro = self.rollout_loss(model, x0[:r], t[:r], noise[:r], cond[:r], gen)
         n = len(x0) - r
-        plain = self.loss_on(model, x0[r:], t[r:], noise[r:], cond[r:]) if n else ro
+        plain = self.loss_on(model, x0[r:], t[r:], noise[r:], cond[r:], clean[r:]) if n else ro
         return (r * ro + n * plain) / len(x0), {"rollout_loss": ro.detach()}
 
     @torch.no_grad()
     def evaluate(self, model):
-        g = torch.Generator(self.device).manual_seed(1234)  # the same windows, noise and levels every time
-        batches = [self.make_batch(self.val, self.cfg.batch_size, g) for _ in range(4)]
-        out = {"val_loss": float(np.mean([self.loss_on(model, *b).item() for b in batches]))}
-        if self.cfg.fg_weight:  # the plain MSE too, comparable across --fg-weight settings
-            out["val_mse"] = float(np.mean([self.loss_on(model, *b, weighted=False).item() for b in batches]))
+        """val_loss: diffusion forcing (every frame at a uniform level); val_next: generation's question
+        (a clean context, the last frame the target). The same windows, noise and levels every time,
+        whatever the training flags, so runs with different flags compare."""
+        out = {}
+        for name, ask in (("val_loss", "forcing"), ("val_next", "next")):
+            g = torch.Generator(self.device).manual_seed(1234)
+            batches = [self.make_batch(self.val, self.cfg.batch_size, g, ask) for _ in range(4)]
+            out[name] = float(np.mean([self.loss_on(model, *b).item() for b in batches]))
+            if self.cfg.fg_weight:  # the plain MSE too, comparable across --fg-weight settings
+                mse = [self.loss_on(model, *b, weighted=False).item() for b in batches]
+                out[name + "_mse"] = float(np.mean(mse))
         return out
 
     @torch.no_grad()

@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_OK := .venv/.installed
 
-.PHONY: demo test lint format bench bench-gpu gpu-check data train-cpu train-gpu clean
+.PHONY: demo test lint format bench bench-gpu gpu-check gpu-run gpu-pack data train-cpu train-gpu clean
 
 # The shipped model's data. A scripted ball-tracking agent with 10% and 25% held random
 # actions gives rallies and points on both sides; a DQN trained for minutes on a CPU (close
@@ -77,19 +77,30 @@ train-gpu:
 		--max-minutes 1 --out runs/vae_lite $(call RESUME,runs/vae_lite)
 	$(PY) bundle.py --dit runs/dit --vae runs/vae_lite/ckpt.pt --out checkpoints
 
-# The GPU figures the README still lacks (one H100/H200): training MFU, generation frames/s.
-bench-gpu:
-	$(PY) bench.py --what train --device cuda --dtype bfloat16 --window 16 --train-batch 64
-	$(PY) bench.py --what generate --device cuda --steps 2 --gen-batches 1,64,256,1024
+# One lent GPU call (docs/gpu.md): carry .gpu/ (make gpu-pack), then `make gpu-run` on the bare machine records
+# fresh episodes, trains the DiT arms side by side on the shipped VAE's latents, bundles and evaluates them beside
+# the shipped model, all in <= 9.5 minutes; results (the arms' fp16 DiTs, report.md, results.json, log.txt) in $$OUT.
+# The CPU check of the same command: make gpu-run PRESET=tiny DEVICE=cpu (tests/test_gpu_run.py runs it).
+GPU_PY := $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+PRESET := gpu
+DEVICE := auto
+gpu-run:
+	$(GPU_PY) gpu_run.py --preset $(PRESET) --device $(DEVICE)
 
-# The whole GPU check in one command (training, benchmarks, evaluation on the GPU), every figure in one
-# report file to paste into the README: runs/gpu_report.txt. From recorded data (carry data/, without its
-# latents/ caches); about 12 minutes on one H100/H200.
-gpu-check:
-	mkdir -p runs
-	( set -x; nvidia-smi -L; $(MAKE) --no-print-directory train-gpu PY=$(PY) && \
-	  $(MAKE) --no-print-directory bench-gpu PY=$(PY) && \
-	  $(PY) evaluate.py --data $(HELDOUT) --out runs/eval_gpu --rollouts 32 --device cuda ) 2>&1 | tee runs/gpu_report.txt
+# Here, with PyPI: .gpu/wheels (gymnasium, ale-py and what they need, Python 3.12 manylinux x86-64) and .gpu/data
+# (the held-out set and the training sets, without latents); prints its size with the working tree (<= 64 MiB).
+gpu-pack: $(VENV_OK)
+	$(PY) gpu_run.py --make-pack --heldout $(HELDOUT) --data $(DATA),$(RANDOM)
+
+# The GPU figures as a second command (<= 4 minutes, not yet measured): training samples/s and MFU of DiT-XS and
+# XS1 at batch 64 and at the batch rule's, eager and compiled; generation frames/s at batch 1 to 1024.
+bench-gpu:
+	$(GPU_PY) bench.py --what train --device cuda --dtype bfloat16 --window 6 --train-models XS,XS1 \
+		--train-batch 64,auto --compile
+	$(GPU_PY) bench.py --what generate --device cuda --steps 2 --gen-batches 1,64,256,1024
+
+# The previous name of the one GPU command.
+gpu-check: gpu-run
 
 clean:
 	rm -rf .venv runs data

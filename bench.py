@@ -16,20 +16,25 @@ window at every denoising step (Oasis's loop) against the KV-cached one, same ru
 the last row also decodes on a second thread (step_pipelined), as generate.py and play.py do.
     python bench.py --what generate                       # the bundled model, batch 1 and 8
     python bench.py --what generate --device cuda --gen-batches 1,64,256,1024
---what train: training throughput and MFU (on CUDA) against size: DiT XS, S, B and two VAEs, one table.
-    python bench.py --what train --device cuda --dtype bfloat16 --window 16 --train-batch 64
+--what train: training throughput and MFU (on CUDA) against size and batch: DiT XS, S, B and two VAEs, one table.
+A batch of `auto` is the rule that fills the GPU (train_batch_rule: about --train-tokens tokens a step, halved
+until autograd's saved activations fit the free memory); --compile adds a torch.compile'd row at the last batch.
+    python bench.py --what train --device cuda --dtype bfloat16 --window 6 --train-models XS,XS1 \
+        --train-batch 64,auto --compile
 """
 
 import contextlib
 import dataclasses
 import functools
+import math
+import os
 import statistics
 import time
 
 import torch
 
 from dit import DEFAULT_MODEL, DiT_models
-from utils import arg, parse_config, peak_flops, pick_device, seed_everything
+from utils import arg, die, parse_config, peak_flops, pick_device, seed_everything
 from uvit_vae import DECODER_CONFIGS, VAE_CONFIGS, build_vae
 
 
@@ -40,7 +45,10 @@ class BenchConfig:
     steps: int = arg(2, "generate: DDIM steps per frame")
     gen_frames: int = arg(24, "generate: timed frames per measurement, after the window is full")
     gen_batches: str = arg("1,8", "generate: comma-separated batch sizes")
-    train_batch: int = arg(16, "train: DiT windows per step")
+    train_batch: str = arg("16", "train: DiT windows per step, comma-separated; auto: train_batch_rule's")
+    train_tokens: int = arg(2**18, "train: the auto batch's target tokens a step (a power of two of windows near it)")
+    train_memory: float = arg(0.6, "train: share of the free device memory the auto batch's activations may take")
+    compile: bool = arg(False, "train: also time each DiT torch.compile'd, at the last batch (compile time shown)")
     train_models: str = arg("XS,S,B", "train: comma-separated DiT sizes (dit.DiT_models keys)")
     train_vaes: str = arg("pong_cpu,pong", "train: comma-separated VAE configs (uvit_vae.VAE_CONFIGS keys)")
     vae_batch: int = arg(64, "train: VAE frames per step")
@@ -66,7 +74,8 @@ PRESETS = {
         repeats=2,
         train_models="tiny",
         train_vaes="pong_fast",
-        train_batch=2,
+        train_batch="2",
+        train_tokens=512,
         vae_batch=2,
     )
 }
@@ -173,8 +182,6 @@ def bench_vae(cfg):
 
 def load_engine_parts(cfg):
     """(dit, vae, latent_scale, name) from --ckpt, the bundled checkpoint, or random weights."""
-    import os
-
     import engine
 
     path = cfg.ckpt or (engine.DEFAULT_CKPT if os.path.isfile(engine.DEFAULT_CKPT) else "")
@@ -270,54 +277,108 @@ def bench_generate(cfg):
     return results
 
 
+def saved_bytes(model, window, dtype=torch.bfloat16, n=2):
+    """Bytes autograd keeps for the backward pass, per training window: one forward of n windows, counted.
+
+    On a CPU the attention saves more than CUDA's fused kernels, so a count made there errs on the safe side.
+    """
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    dev = next(model.parameters()).device
+    inputs = random_inputs(model, n, window, dev)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(dev.type, dtype=dtype):
+        model(*inputs)
+    return sum(storages.values()) / n
+
+
+def train_batch_rule(model, window, memory, tokens=2**18):
+    """The batch that fills a GPU: the power of two of windows nearest `tokens` tokens a step (enough rows for
+    a small model's matmuls to keep the GPU busy), halved until its saved activations fit in `memory` bytes."""
+    per_window = window * model.grid_h * model.grid_w
+    batch = 2 ** max(0, round(math.log2(max(1, tokens / per_window))))
+    need = saved_bytes(model, window)
+    while batch > 1 and batch * need > memory:
+        batch //= 2
+    return batch
+
+
+def free_memory(device):
+    """Free bytes on the device: the GPU's, or a quarter of the host's memory for a CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
+
+
 def bench_train(cfg):
-    """Training throughput and MFU against model size: DiT sizes (--train-models) and VAEs (--train-vaes).
+    """Training throughput and MFU against model size and batch: DiT sizes (--train-models) and VAEs (--train-vaes).
 
     A step is forward + backward + AdamW on random inputs; its FLOPs are counted once with
     torch.utils.flop_counter (matmuls, convolutions, attention), so DiT and VAE rows compare.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    if not all(b.strip() == "auto" or b.strip().isdigit() for b in cfg.train_batch.split(",")):
+        die(f"--train-batch {cfg.train_batch!r}: expected comma-separated window counts or auto, e.g. 64,auto")
     peak = peak_flops(cfg.device)
     rows = [("dit", m) for m in cfg.train_models.split(",") if m] + [("vae", v) for v in cfg.train_vaes.split(",") if v]
     print(f"device {cfg.device}, dtype {cfg.dtype}, median of {cfg.repeats} steps after {cfg.warmup} warmup")
-    print(f"{'model':>12} {'params':>8} {'batch':>9} {'ms/step':>9} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    print(f"{'model':>12} {'params':>8} {'batch':>9} {'ms/step':>9} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6}  mode")
     results = {}
     for kind, name in rows:
         if kind == "dit":
             model = DiT_models[name](window=cfg.window).to(cfg.device)
-            inputs, batch = (
-                random_inputs(model, cfg.train_batch, cfg.window, cfg.device),
-                f"{cfg.train_batch}x{cfg.window}",
-            )
+            memory = free_memory(cfg.device) * cfg.train_memory
+            auto = lambda m=model, mem=memory: train_batch_rule(m, cfg.window, mem, cfg.train_tokens)
+            batches = [auto() if b.strip() == "auto" else int(b) for b in cfg.train_batch.split(",") if b.strip()]
         else:
             model = build_vae(name).to(cfg.device, memory_format=torch.channels_last)
-            inputs, batch = (torch.rand(cfg.vae_batch, 3, 96, 96, device=cfg.device) * 2 - 1,), str(cfg.vae_batch)
+            batches = [cfg.vae_batch]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cfg.device.startswith("cuda"))
+        modes = [(b, "eager") for b in batches] + ([(batches[-1], "compiled")] if cfg.compile and kind == "dit" else [])
+        flops_of = {}
+        for n, mode in modes:
+            if kind == "dit":
+                inputs, label_b = random_inputs(model, n, cfg.window, cfg.device), f"{n}x{cfg.window}"
+            else:
+                inputs, label_b = (torch.rand(n, 3, 96, 96, device=cfg.device) * 2 - 1,), str(n)
+            net = torch.compile(model) if mode == "compiled" else model
 
-        def step(model=model, inputs=inputs, kind=kind, opt=opt):
-            with autocast(cfg):
-                out = model(*inputs)
-                loss = (out[0] if kind == "vae" else out).float().square().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            def step(net=net, inputs=inputs, kind=kind, opt=opt):
+                with autocast(cfg):
+                    out = net(*inputs)
+                    loss = (out[0] if kind == "vae" else out).float().square().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
 
-        with FlopCounterMode(display=False) as counter:
-            step()
-        sec = timeit(step, cfg)
-        n = cfg.train_batch if kind == "dit" else cfg.vae_batch
-        flops = counter.get_total_flops() / sec
-        mfu = f"{flops / peak:6.1%}" if peak else "   n/a"
-        label = f"DiT-{name}" if kind == "dit" else name
-        n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{label:>12} {n_params:7.1f}M {batch:>9} {sec * 1e3:9.1f} {n / sec:10.1f} {flops / 1e12:8.2f} {mfu}")
-        results[label] = {
-            "ms": sec * 1e3,
-            "samples_s": n / sec,
-            "flops_s": flops,
-            "mfu": flops / peak if peak else None,
-        }
+            t0 = time.perf_counter()
+            if n not in flops_of:
+                with FlopCounterMode(display=False) as counter:
+                    step()
+                flops_of[n] = counter.get_total_flops()
+            else:
+                step()  # the compiled step's first call: the compile
+            first = time.perf_counter() - t0
+            sec = timeit(step, cfg)
+            flops = flops_of[n] / sec
+            mfu = f"{flops / peak:6.1%}" if peak else "   n/a"
+            label = f"DiT-{name}" if kind == "dit" else name
+            n_params = sum(p.numel() for p in model.parameters()) / 1e6
+            how = f"compiled ({first:.0f}s to compile)" if mode == "compiled" else mode
+            print(
+                f"{label:>12} {n_params:7.1f}M {label_b:>9} {sec * 1e3:9.1f} {n / sec:10.1f} "
+                f"{flops / 1e12:8.2f} {mfu}  {how}"
+            )
+            results[(label, n, mode)] = {
+                "ms": sec * 1e3,
+                "samples_s": n / sec,
+                "flops_s": flops,
+                "mfu": flops / peak if peak else None,
+            }
     return results
 
 

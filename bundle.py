@@ -8,10 +8,13 @@ actions_up.pt / actions_down.pt (RIGHT / LEFT held) and heldout_episode.npz (a c
 
 Writes OUT/pong_dit.pt and OUT/pong_vae.pt (EMA weights in fp16, no optimizer
 state). The DiT file records the VAE by its file name, so generate.py finds it
-beside it. Both load with torch.load(weights_only=True).
+beside it. Both load with torch.load(weights_only=True). A VAE that is already a
+bundle (--vae checkpoints/pong_vae.pt) is copied byte for byte, so a DiT fine-tuned
+on its latents goes beside the shipped VAE file as it is.
 """
 
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +39,14 @@ def slim(ckpt):
     return {"ema": ema, "step": ckpt["step"], "config": ckpt["config"], "version": ckpt["version"]}
 
 
-def write_samples(cfg, out_dir="sample_data"):
-    import shutil
+def is_bundle(path):
+    """Whether a checkpoint is already a bundle: EMA weights in fp16 and nothing else."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    weights = [v for v in ck.get("ema", {}).values() if v.is_floating_point()]
+    return set(ck) == {"ema", "step", "config", "version"} and all(v.dtype == torch.float16 for v in weights)
 
+
+def write_samples(cfg, out_dir="sample_data"):
     import cv2
 
     import dataset
@@ -70,7 +78,11 @@ def main(cfg):
     vae_path = find_vae(dit_path, dit["config"], cfg.vae)
     vae = utils.load_checkpoint(vae_path, kind="vae")
     out_vae, out_dit = os.path.join(cfg.out, "pong_vae.pt"), os.path.join(cfg.out, "pong_dit.pt")
-    utils.atomic_torch_save(slim(vae), out_vae)  # re-bundling in place writes the same bytes (same latent cache)
+    if is_bundle(vae_path):  # byte for byte: its fingerprint, latent cache and the DiTs trained on it stay valid
+        if os.path.abspath(vae_path) != os.path.abspath(out_vae):
+            utils._atomic(out_vae, lambda tmp: shutil.copyfile(vae_path, tmp))
+    else:
+        utils.atomic_torch_save(slim(vae), out_vae)  # re-bundling in place writes the same bytes (same latent cache)
     small = slim(dit)
     # the bundled pair: the DiT fine-tunes (train.py dit --init) on the bundled VAE's latents
     small["config"] = {**small["config"], "vae_path": "pong_vae.pt", "vae_fingerprint": utils.file_fingerprint(out_vae)}

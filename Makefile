@@ -47,10 +47,11 @@ data: $(VENV_OK)
 	$(RECORD) --agent random --episodes 16 --seed 20000 --out $(RANDOM)
 	$(RECORD) --agent tracker --epsilon 0.15 --episodes 6 --seed 90000 --out $(HELDOUT) --max-episode-frames 1500 --workers 1
 
-# The shipped model, trained on this repository's 2-core CPU machine, one core per run (about 5 hours):
+# The shipped model, trained on this repository's 2-core CPU machine, one core per run (about 6 hours):
 # the VAE (38 min), the DiT (100 min, 8 episodes of each set), its fine-tune with the random agent's
 # episodes added (70 min), a lighter decoder (50 min) for the frozen encoder, then 35 more minutes of
-# the DiT on the bundled VAE's latents (seed 1: the better of two such runs on the held-out set, README).
+# the DiT on the bundled VAE's latents (seed 1: the better of two such runs on the held-out set), then
+# 60 minutes with a clean context and the sampler's noise levels (issue #21; docs/experiments.md).
 VAE_DATA := data/pong_tracker_e25,data/pong_tracker_e10
 RESUME = $$(test -f $(1)/ckpt.pt && echo --resume)
 CPU_RUN := OMP_NUM_THREADS=1 $(PY) train.py
@@ -67,6 +68,10 @@ train-cpu: $(VENV_OK)
 		--out runs/dit_ft2 --max-episodes 8 --lr 2e-4 --warmup 50 --max-minutes 35 --seed 1 --sample-every 0 \
 		$(call RESUME,runs/dit_ft2)
 	$(PY) bundle.py --dit runs/dit_ft2 --vae checkpoints/pong_vae.pt --out checkpoints
+	$(CPU_RUN) dit --preset cpu --data $(DATA),$(RANDOM) --vae checkpoints/pong_vae.pt --init checkpoints/pong_dit.pt \
+		--out runs/dit_clean --max-episodes 8 --lr 2e-4 --warmup 50 --max-minutes 60 --seed 2 --sample-every 0 \
+		--clean-context 1 --sampler-levels 0.5 $(call RESUME,runs/dit_clean)
+	$(PY) bundle.py --dit runs/dit_clean --vae checkpoints/pong_vae.pt --out checkpoints
 
 # The same recipe with the gpu presets, on one GPU, from recorded data (make data first, on any machine):
 # about 7 minutes of training. Each stage resumes from its checkpoint if present. PY=python3 without .venv.

@@ -47,7 +47,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("install", "record", "encode", "train", "bundle", "eval", "bench")
 SETS = "data/pong_tracker_e10,data/pong_tracker_e25,data/pong_dqn,data/pong_random"  # the Makefile's DATA, RANDOM
 FT = "--model XS --init checkpoints/pong_dit.pt --lr 2e-4 --warmup 50"
-ARMS = f"xs_ft={FT}; xs1=--model XS1 --lr 4e-4 --warmup 100; xs_clean={FT} --clean-context 1 --sampler-levels 0.5"
+# the recipe (the shipped DiT fine-tuned with issue #21's clean-context lever), patch 1 from scratch, and the
+# previous recipe (diffusion forcing on every frame) as the control
+ARMS = f"xs_clean={FT} --clean-context 1 --sampler-levels 0.5; xs1=--model XS1 --lr 4e-4 --warmup 100; xs_ft={FT}"
 # gymnasium and ale-py (requirements.txt) and what their wheels require on Python 3.12, numpy aside (the GPU has it)
 WHEELS = ("gymnasium", "ale-py", "cloudpickle", "typing-extensions", "farama-notifications")
 # batch-1 generation on the 2-core CPU by (patch, width) at a 6-frame window, chunk+pipeline (README, Speed, 2026-12-04)

@@ -17,6 +17,7 @@ import glob
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,9 +131,14 @@ def one(what, sig, delay, cfg, work):
     try:
         stdout, stderr = p.communicate(timeout=cfg.deadline)
     except subprocess.TimeoutExpired:
+        stacks = ""
+        spy = shutil.which("py-spy", path=os.path.dirname(PY)) or shutil.which("py-spy")
+        if spy:  # where it hangs, for the report (pip install py-spy)
+            dump = subprocess.run([spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=60)
+            stacks = "\n" + dump.stdout[-3000:]
         p.kill()
         p.communicate()
-        return "hang"
+        return "hang" + stacks
     left = glob.glob(os.path.join(out, "**", ".tmp-*"), recursive=True)
     bad = check(stdout) or (f"temporary files left: {left}" if left else None)
     if bad:
@@ -157,7 +163,7 @@ def main(cfg):
     with ThreadPoolExecutor(cfg.parallel) as pool:
         results = pool.map(lambda t: (t, one(*t, cfg, work)), tasks)
         for i, ((w, s, delay), r) in enumerate(results):
-            kind = r.split(":")[0]
+            kind = r.split(":")[0].split("\n")[0]
             counts[w, s][kind] = counts[w, s].get(kind, 0) + 1
             if kind in ("hang", "corrupt", "error"):
                 notes.append(f"{w} {s.name} after {delay:.2f}s: {r}")

@@ -1,4 +1,4 @@
-"""Benchmarks of the model pieces, run as a script (figures go to the README, with the command).
+"""Benchmarks of the model pieces, run as a script (figures go to docs/speed.md, with the command).
 
     python bench.py --what forward                  # DiT "S" forward on this CPU (about a minute)
     python bench.py --what forward --preset tiny    # smoke run, seconds

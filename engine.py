@@ -44,7 +44,7 @@ class ModelConfig:
 
     ckpt: str = arg(DEFAULT_CKPT, "DiT checkpoint (train.py dit, or the bundled one)")
     vae: str = arg("", "VAE checkpoint; default: the one the DiT checkpoint records")
-    steps: int = arg(2, "DDIM denoising steps per frame (2: as good as 4 or 8 on the shipped model, README)")
+    steps: int = arg(2, "DDIM denoising steps per frame (2: better than 1 or 4 held out; docs/experiments.md)")
     context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
     guidance: float = arg(1.0, "classifier-free guidance scale on the action (1: off; >1 costs a second DiT pass)")
     slide: str = arg("chunk", "how the context window moves once full (see engine.SLIDES)", choices=list(SLIDES))

@@ -1,11 +1,11 @@
 """How close is the generated game to the real one? Metrics on held-out recorded episodes.
 
 CPU smoke run (seconds; what the tests use; --quick is short for --preset quick):
-    python evaluate.py --ckpt runs/dit/ckpt.pt --data data/heldout --out runs/eval --quick
+    python evaluate.py --ckpt runs/dit/ckpt.pt --data data/pong_heldout --out runs/eval --quick
 One GPU (every held-out episode, 64 rollouts of 64 frames):
-    python evaluate.py --ckpt runs/dit/ckpt.pt --data data/heldout --out runs/eval
+    python evaluate.py --ckpt runs/dit/ckpt.pt --data data/pong_heldout --out runs/eval
 Choose the sampler's defaults by measurement:
-    python evaluate.py --ckpt runs/dit/ckpt.pt --data data/heldout --sweep-steps 1,2,4,8 --sweep-context-noise 0,50,100
+    python evaluate.py --ckpt runs/dit/ckpt.pt --data data/pong_heldout --sweep-steps 1,2,4 --sweep-context-noise 0,100
 
 Record the held-out set with a seed and epsilon never used for training (see generate_dataset.py --help).
 Writes OUT/metrics.json (every number, with the config, checkpoint, device and counts; null

@@ -52,7 +52,7 @@ FT = "--model XS --init checkpoints/pong_dit.pt --lr 2e-4 --warmup 50"
 ARMS = f"xs_clean={FT} --clean-context 1 --sampler-levels 0.5; xs1=--model XS1 --lr 4e-4 --warmup 100; xs_ft={FT}"
 # gymnasium and ale-py (requirements.txt) and what their wheels require on Python 3.12, numpy aside (the GPU has it)
 WHEELS = ("gymnasium", "ale-py", "cloudpickle", "typing-extensions", "farama-notifications")
-# batch-1 generation on the 2-core CPU by (patch, width) at a 6-frame window, chunk+pipeline (README, Speed, 2026-12-04)
+# batch-1 generation on the 2-core CPU by (patch, width) at a 6-frame window, chunk+pipeline (docs/speed.md, 2026-12-04)
 CPU_FPS = {(2, 192): 30.5, (1, 192): 12.0, (1, 128): 17.8, (1, 96): 29.6, (1, 64): 37.7}
 
 
@@ -442,7 +442,7 @@ class Run:
                 rows.append((n, a.get("model"), a.get("window"), a.get("batch"), a.get("steps"),
                              f(a.get("samples_s"), 0), "n/a" if a.get("mfu") is None else f"{a['mfu']:.2%}",
                              f"{a.get('frames_seen', 0):,}", f"{f(val[2], 4)} / {f(val[3], 4)}", f(a.get("minutes")),
-                             f"{a['cpu_fps']} (README)" if a.get("cpu_fps") else "not measured"))  # fmt: skip
+                             f"{a['cpu_fps']} (docs/speed.md)" if a.get("cpu_fps") else "not measured"))  # fmt: skip
             r += ["\n## Arms (train.py dit, side by side)\n"] + table(
                 "arm model window batch steps samples/s MFU target_frames_seen val_loss_/_val_next minutes "
                 "CPU_batch-1_frames/s_(>=_20_to_ship)", rows)  # fmt: skip

@@ -3,7 +3,7 @@
 With the bundled model (CPU is fine; a window opens):
     python play.py
 Faster / bigger, on one GPU:
-    python play.py --device cuda --steps 4 --fps 30 --scale 8
+    python play.py --device cuda --steps 2 --fps 30 --scale 8
 Record a game, then replay its keys through generate.py (it prints the exact command; same prompt,
 seed, steps, --context-noise and --slide give the same frames, bit for bit):
     python play.py --record runs/game.mp4          # also runs/game.actions.pt, runs/game.npz, runs/game.prompt.png

@@ -302,7 +302,7 @@ VAE_CONFIGS = {
 
 # Lighter decoders for `train.py vae --init RUN --decoder-only --decoder NAME`: the encoder (and so the
 # latents a DiT was trained on) stays; only decoding gets cheaper. "lite": 2.4-2.9x cheaper than pong_cpu's
-# decoder on the CPU (bench.py --what vae, README); its 96x96 level has 16 channels instead of 32.
+# decoder on the CPU (bench.py --what vae, docs/speed.md); its 96x96 level has 16 channels instead of 32.
 DECODER_CONFIGS = {
     "lite": dict(ch=16, ch_mult=(1, 1, 2, 4), num_res_blocks=0, norm_groups=8),
 }

@@ -125,7 +125,8 @@ def one(what, sig, delay, cfg, work):
     """-> "clean" | "before the handler" | "hang" | "corrupt: ..." | "error: ..." for one interrupted run."""
     out = tempfile.mkdtemp(dir=os.path.join(work, "runs"))
     cmd, check = command(what, work, out)
-    p = subprocess.Popen([PY, *cmd], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([PY, *cmd], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=utils.default_sigint)  # fmt: skip
     time.sleep(delay)
     p.send_signal(sig)
     try:

@@ -101,8 +101,11 @@ class Interrupts:
         self.signum = None
 
     def install(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        """Handle `signals`, except one this process was started ignoring: a shell starts a background
+        job (`cmd &`) with SIGINT ignored so that the terminal's Ctrl-C spares it, and Python keeps that."""
         for s in signals:
-            signal.signal(s, self._handle)
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -129,6 +132,13 @@ class Interrupts:
 
 
 INTERRUPTS = Interrupts()
+
+
+def default_sigint():
+    """Popen's preexec_fn for a child that must take Ctrl-C even when this process ignores it (it was
+    started in the background): a child inherits an ignored SIGINT, and neither Python nor
+    Interrupts.install takes it back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 # -----------------------------------------------------------------------------

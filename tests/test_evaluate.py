@@ -247,7 +247,7 @@ def test_ctrl_c_is_one_line_and_writes_nothing(heldout, tmp_path):
     p = subprocess.Popen(
         [sys.executable, "evaluate.py", "--ckpt", heldout["dit"], "--data", heldout["data"], "--out", str(out),
          "--quick", "--rollouts", "100000", "--horizon", "100"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=utils.default_sigint,
     )  # fmt: skip
     try:
         for line in p.stdout:  # each phase prints a line off a terminal: wait for the rollouts to start

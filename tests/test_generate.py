@@ -276,7 +276,7 @@ def test_interrupt_writes_the_frames_made_so_far(ckpts, tmp_path, sig):
     p = subprocess.Popen(
         [sys.executable, "generate.py", "--ckpt", str(ckpts / "dit.pt"), "--prompt", str(ckpts / "episode_00000.npz"),
          "--frames", "1000000", "--steps", "1", "--out", str(out)],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=utils.default_sigint,
     )  # fmt: skip
     try:
         seen = ""

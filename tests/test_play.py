@@ -154,7 +154,13 @@ def test_ctrl_c_saves_the_game(tiny, tmp_path, sig):
     args = ["play.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(tiny / "prompt.png"), "--headless",
             "--frames", "100000", "--steps", "1", "--record", str(tmp_path / "k.npz")]  # fmt: skip
     p = subprocess.Popen(
-        [sys.executable, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=utils.default_sigint,  # a background `make test` would hand the child an ignored SIGINT
     )
     try:
         # wait for events, not for time: "played 1 frames" comes after the first frame, on any machine
@@ -196,3 +202,15 @@ def test_errors_are_one_line(tiny, tmp_path):
     for args in (["--ckpt", str(tmp_path / "missing.pt")], ["--prompt", str(bad)], ["--policy", "sideways"]):
         r = run("play.py", "--ckpt", str(tiny / "dit.pt"), "--headless", "--frames", "1", *args, check=False)
         assert r.returncode != 0 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["inherited-default", "inherited-ignored"])
+def test_an_ignored_sigint_stays_ignored_and_tests_take_it_back(ignored):
+    """The cause of the old flake: a `make test` started in the background hands every child an ignored
+    SIGINT, which Python keeps, so Ctrl-C never reached play.py. Interrupts.install keeps it ignored as
+    Python does; the tests' children get it back with utils.default_sigint."""
+    code = "import signal, utils; utils.INTERRUPTS.install(); print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else utils.default_sigint
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       preexec_fn=pre, timeout=120)  # fmt: skip
+    assert r.stdout.strip() == str(ignored), r.stderr

@@ -125,8 +125,7 @@ def one(what, sig, delay, cfg, work):
     """-> "clean" | "before the handler" | "hang" | "corrupt: ..." | "error: ..." for one interrupted run."""
     out = tempfile.mkdtemp(dir=os.path.join(work, "runs"))
     cmd, check = command(what, work, out)
-    p = subprocess.Popen([PY, *cmd], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=utils.default_sigint)  # fmt: skip
+    p = subprocess.Popen([PY, *cmd], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     p.send_signal(sig)
     try:
@@ -152,6 +151,7 @@ def one(what, sig, delay, cfg, work):
 
 
 def main(cfg):
+    utils.take_back_sigint()  # started in the background, its children would ignore SIGINT
     work = cfg.work or tempfile.mkdtemp(prefix="stress-")
     os.makedirs(os.path.join(work, "runs"), exist_ok=True)
     setup(work)

@@ -134,11 +134,14 @@ class Interrupts:
 INTERRUPTS = Interrupts()
 
 
-def default_sigint():
-    """Popen's preexec_fn for a child that must take Ctrl-C even when this process ignores it (it was
-    started in the background): a child inherits an ignored SIGINT, and neither Python nor
-    Interrupts.install takes it back."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def take_back_sigint():
+    """For a process that sends Ctrl-C to its children (the tests, stress.py): a process started in the
+    background (`make test &`, nohup, some CI runners) has SIGINT ignored, and an ignored signal stays
+    ignored in every child it starts, through exec. Handling it here again, as Python does, gives each
+    child the default. (Not Popen's preexec_fn: it runs Python in the forked child of a process that
+    has threads, which can deadlock before exec.) Call it from the main thread."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # -----------------------------------------------------------------------------

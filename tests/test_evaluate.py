@@ -242,17 +242,15 @@ def test_bad_input_dies_with_one_line(heldout, tmp_path, capsys):
         assert e.value.code != 0 and len(err.strip().splitlines()) == 1 and needle in err, (overrides, err)
 
 
-def test_ctrl_c_is_one_line_and_writes_nothing(heldout, tmp_path):
+def test_ctrl_c_is_one_line_and_writes_nothing(heldout, tmp_path, read_until):
     out = tmp_path / "cut"
     p = subprocess.Popen(
         [sys.executable, "evaluate.py", "--ckpt", heldout["dit"], "--data", heldout["data"], "--out", str(out),
          "--quick", "--rollouts", "100000", "--horizon", "100"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=utils.default_sigint,
+        cwd=ROOT, env={**ENV, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        for line in p.stdout:  # each phase prints a line off a terminal: wait for the rollouts to start
-            if "rollouts" in line:
-                break
+        read_until(p, p.stdout, "rollouts")  # each phase prints a line off a terminal: wait for the rollouts
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:

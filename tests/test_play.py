@@ -150,22 +150,16 @@ def test_compare_runs_the_emulator_beside_the_model(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_ctrl_c_saves_the_game(tiny, tmp_path, sig):
+def test_ctrl_c_saves_the_game(tiny, tmp_path, sig, read_until):
     args = ["play.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(tiny / "prompt.png"), "--headless",
             "--frames", "100000", "--steps", "1", "--record", str(tmp_path / "k.npz")]  # fmt: skip
-    p = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=utils.default_sigint,  # a background `make test` would hand the child an ignored SIGINT
-    )
+    env = {**ENV, "PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)  # fmt: skip
     try:
         # wait for events, not for time: "played 1 frames" comes after the first frame, on any machine
-        assert "playing" in p.stdout.readline()
-        assert p.stdout.readline().startswith("played 1 frames")
+        seen = read_until(p, p.stdout, r"played 1 frames")
+        assert "playing" in seen
         p.send_signal(sig)
         out, err = p.communicate(timeout=60)
     finally:
@@ -207,10 +201,14 @@ def test_errors_are_one_line(tiny, tmp_path):
 @pytest.mark.parametrize("ignored", [False, True], ids=["inherited-default", "inherited-ignored"])
 def test_an_ignored_sigint_stays_ignored_and_tests_take_it_back(ignored):
     """The cause of the old flake: a `make test` started in the background hands every child an ignored
-    SIGINT, which Python keeps, so Ctrl-C never reached play.py. Interrupts.install keeps it ignored as
-    Python does; the tests' children get it back with utils.default_sigint."""
+    SIGINT, which Python keeps through exec, so Ctrl-C never reached play.py. Interrupts.install keeps
+    it ignored as Python does; conftest.py takes SIGINT back (utils.take_back_sigint) so the tests'
+    children get the default. The ignored case is made here as a shell makes it: ignore, then exec."""
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # conftest took it back
     code = "import signal, utils; utils.INTERRUPTS.install(); print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
-    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else utils.default_sigint
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       preexec_fn=pre, timeout=120)  # fmt: skip
+    argv = [sys.executable, "-c", code]
+    if ignored:
+        shell = "import os, signal, sys; signal.signal(2, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"
+        argv = [sys.executable, "-c", shell, *argv]
+    r = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == str(ignored), r.stderr

@@ -198,17 +198,19 @@ def test_errors_are_one_line(tiny, tmp_path):
         assert r.returncode != 0 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-@pytest.mark.parametrize("ignored", [False, True], ids=["inherited-default", "inherited-ignored"])
-def test_an_ignored_sigint_stays_ignored_and_tests_take_it_back(ignored):
+@pytest.mark.parametrize("taken_back", [False, True], ids=["inherited-ignored", "ignored-then-taken-back"])
+def test_an_ignored_sigint_stays_ignored_and_tests_take_it_back(taken_back):
     """The cause of the old flake: a `make test` started in the background hands every child an ignored
     SIGINT, which Python keeps through exec, so Ctrl-C never reached play.py. Interrupts.install keeps
-    it ignored as Python does; conftest.py takes SIGINT back (utils.take_back_sigint) so the tests'
-    children get the default. The ignored case is made here as a shell makes it: ignore, then exec."""
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # conftest took it back
+    it ignored as Python does; a parent that calls utils.take_back_sigint (conftest.py, stress.py)
+    gives its children the default again. The ignored start is made here as a shell makes it: ignore,
+    then exec."""
     code = "import signal, utils; utils.INTERRUPTS.install(); print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
     argv = [sys.executable, "-c", code]
-    if ignored:
-        shell = "import os, signal, sys; signal.signal(2, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"
-        argv = [sys.executable, "-c", shell, *argv]
-    r = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == str(ignored), r.stderr
+    if taken_back:  # a parent started ignoring SIGINT takes it back, then starts the child
+        parent = "import subprocess, sys, utils; utils.take_back_sigint(); subprocess.run(sys.argv[1:], check=True)"
+        argv = [sys.executable, "-c", parent, *argv]
+    shell = "import os, signal, sys; signal.signal(2, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"
+    r = subprocess.run([sys.executable, "-c", shell, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.stdout.strip() == str(not taken_back), r.stderr

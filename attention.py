@@ -5,7 +5,9 @@
 - TemporalAxialAttention: each spatial location attends over time, causally,
   with 1-D RoPE on frame positions. It can run incrementally against a KVCache,
   which is what makes frame-by-frame generation cheap: the n new frames are the
-  queries, the cached frames plus the new ones are the keys and values.
+  queries, the cached frames plus the new ones are the keys and values. In
+  training it can also run over a window given twice (clean copy, then noised
+  copy: teacher forcing, `clean_copy_mask`).
 
 Both use F.scaled_dot_product_attention without dropout. Imports only torch,
 einops and the project's rotary embedding.
@@ -81,6 +83,18 @@ class KVCache:
         self.length, self.offset = 0, offset
 
 
+def clean_copy_mask(T, device=None):
+    """(2T, 2T) bool mask for a window given twice, T clean frames then the same T frames noised.
+
+    Clean frame i sees clean frames <= i (plain causal). Noised frame j sees the clean frames
+    before j and itself, as frame j does at generation after j clean frames: T targets in one pass.
+    """
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    before = causal.tril(diagonal=-1)
+    itself = torch.eye(T, dtype=torch.bool, device=device)
+    return torch.cat((torch.cat((causal, torch.zeros_like(causal)), 1), torch.cat((before, itself), 1)), 0)
+
+
 class SpatialAxialAttention(nn.Module):
     """Multi-head attention among the H*W tokens of each frame, with 2-D axial RoPE."""
 
@@ -115,8 +129,11 @@ class TemporalAxialAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rope = RotaryEmbedding(self.head_dim, freqs_for="lang", theta=theta)
 
-    def forward(self, x, cache=None, commit=0):
+    def forward(self, x, cache=None, commit=0, clean_copy=False):
         """x holds n frames. cache=None: frames 0..n-1, plain causal attention.
+
+        clean_copy=True: x is a window given twice (n = 2T, clean then noised), both copies at
+        positions 0..T-1, attending as clean_copy_mask says (training only, no cache).
 
         With a KVCache, x holds the n frames right after the cached ones (positions
         offset..offset+n-1); they attend to every cached frame and causally to each
@@ -127,14 +144,17 @@ class TemporalAxialAttention(nn.Module):
         qkv = self.qkv(x)  # (B, n, H, W, 3D)
         qkv = rearrange(qkv, "b t h w (three nh hd) -> three (b h w) nh t hd", three=3, nh=self.heads)
         offset = 0 if cache is None else cache.offset
-        angles = self.rope.seq_angles(n, offset)  # (n, hd)
-        q, k = apply_rotary_emb(angles, qkv[:2])
+        angles = self.rope.seq_angles(n // 2, 0).repeat(2, 1) if clean_copy else self.rope.seq_angles(n, offset)
+        q, k = apply_rotary_emb(angles, qkv[:2])  # angles: (n, hd)
         v = qkv[2]
 
         past = 0 if cache is None else len(cache)
         if cache is not None:
             k, v = cache.extend(k, v)  # (B*H*W, nh, past+n, hd)
-        if n == 1:
+        if clean_copy:
+            assert cache is None, "a clean copy is a training pass: no cache"
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=clean_copy_mask(n // 2, x.device))
+        elif n == 1:
             out = F.scaled_dot_product_attention(q, k, v)  # one query sees everything: no mask
         elif past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)

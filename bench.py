@@ -18,7 +18,8 @@ the last row also decodes on a second thread (step_pipelined), as generate.py an
     python bench.py --what generate --device cuda --gen-batches 1,64,256,1024
 --what train: training throughput and MFU (on CUDA) against size and batch: DiT XS, S, B and two VAEs, one table.
 A batch of `auto` is the rule that fills the GPU (train_batch_rule: about --train-tokens tokens a step, halved
-until autograd's saved activations fit the free memory); --compile adds a torch.compile'd row at the last batch.
+until autograd's saved activations fit the free memory); --compile adds a torch.compile'd row at the last batch,
+--clean-copy a row per batch timing train.py dit --clean-copy's pass (the window twice).
     python bench.py --what train --device cuda --dtype bfloat16 --window 6 --train-models XS,XS1 \
         --train-batch 64,auto --compile
 """
@@ -49,6 +50,9 @@ class BenchConfig:
     train_tokens: int = arg(2**18, "train: the auto batch's target tokens a step (a power of two of windows near it)")
     train_memory: float = arg(0.6, "train: share of the free device memory the auto batch's activations may take")
     compile: bool = arg(False, "train: also time each DiT torch.compile'd, at the last batch (compile time shown)")
+    clean_copy: bool = arg(
+        False, "train: also time each DiT step as train.py dit --clean-copy runs it (the window twice)"
+    )
     train_models: str = arg("XS,S,B", "train: comma-separated DiT sizes (dit.DiT_models keys)")
     train_vaes: str = arg("pong_cpu,pong", "train: comma-separated VAE configs (uvit_vae.VAE_CONFIGS keys)")
     vae_batch: int = arg(64, "train: VAE frames per step")
@@ -339,6 +343,7 @@ def bench_train(cfg):
             batches = [cfg.vae_batch]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cfg.device.startswith("cuda"))
         modes = [(b, "eager") for b in batches] + ([(batches[-1], "compiled")] if cfg.compile and kind == "dit" else [])
+        modes += [(b, "clean copy") for b in batches] if cfg.clean_copy and kind == "dit" else []
         flops_of = {}
         for n, mode in modes:
             if kind == "dit":
@@ -347,24 +352,26 @@ def bench_train(cfg):
                 inputs, label_b = (torch.rand(n, 3, 96, 96, device=cfg.device) * 2 - 1,), str(n)
             net = torch.compile(model) if mode == "compiled" else model
 
-            def step(net=net, inputs=inputs, kind=kind, opt=opt):
+            copy = dict(clean=inputs[0]) if mode == "clean copy" else {}  # a clean copy: the window twice
+
+            def step(net=net, inputs=inputs, kind=kind, opt=opt, copy=copy):
                 with autocast(cfg):
-                    out = net(*inputs)
+                    out = net(*inputs, **copy)
                     loss = (out[0] if kind == "vae" else out).float().square().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
 
             t0 = time.perf_counter()
-            if n not in flops_of:
+            if (n, bool(copy)) not in flops_of:
                 with FlopCounterMode(display=False) as counter:
                     step()
-                flops_of[n] = counter.get_total_flops()
+                flops_of[n, bool(copy)] = counter.get_total_flops()
             else:
                 step()  # the compiled step's first call: the compile
             first = time.perf_counter() - t0
             sec = timeit(step, cfg)
-            flops = flops_of[n] / sec
+            flops = flops_of[n, bool(copy)] / sec
             mfu = f"{flops / peak:6.1%}" if peak else "   n/a"
             label = f"DiT-{name}" if kind == "dit" else name
             n_params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -98,13 +98,13 @@ class SpatioTemporalDiTBlock(nn.Module):
         shift, scale, gate = mod.chunk(3, dim=-1)
         return torch.addcmul(x, gate, fn(modulate(norm(x), shift, scale), **kw))  # x + gate * fn(...)
 
-    def forward(self, x, c, cache=None, commit=0):
+    def forward(self, x, c, cache=None, commit=0, clean_copy=False):
         # x: (B, T, H, W, D) tokens, c: (B, T, D) per-frame conditioning
         mod = self.adaLN_modulation(c)[:, :, None, None]  # (B, T, 1, 1, 12D)
         sa, sm, ta, tm = mod.chunk(4, dim=-1)
         x = self._sub(x, self.s_norm1, self.s_attn, sa)
         x = self._sub(x, self.s_norm2, self.s_mlp, sm)
-        x = self._sub(x, self.t_norm1, self.t_attn, ta, cache=cache, commit=commit)
+        x = self._sub(x, self.t_norm1, self.t_attn, ta, cache=cache, commit=commit, clean_copy=clean_copy)
         x = self._sub(x, self.t_norm2, self.t_mlp, tm)
         return x  # (B, T, H, W, D)
 
@@ -271,20 +271,29 @@ class DiT(nn.Module):
         if tuple(actions.shape) != (B, T, self.action_dim):
             raise ValueError(f"DiT expects actions of shape ({B}, {T}, {self.action_dim}), got {tuple(actions.shape)}")
 
-    def _run(self, x, t, actions, cache=None, commit=0):
+    def _run(self, x, t, actions, cache=None, commit=0, clean_copy=False):
         self._check(x, t, actions)
         p = self.patch_size
         x = rearrange(x, "b t c (h p1) (w p2) -> b t h w (p1 p2 c)", p1=p, p2=p)
         x = self.x_embedder(x) + self.pos_embed  # (B, T, h, w, D)
         c = self.t_embedder(t) + self.a_embedder(actions.to(x.dtype))  # (B, T, D)
         for i, block in enumerate(self.blocks):
-            x = block(x, c, None if cache is None else cache.layers[i], commit)
+            x = block(x, c, None if cache is None else cache.layers[i], commit, clean_copy)
         x = self.final_layer(x, c)  # (B, T, h, w, p*p*C)
         return rearrange(x, "b t h w (p1 p2 c) -> b t c (h p1) (w p2)", p1=p, p2=p)  # (B, T, C, H, W)
 
-    def forward(self, x, t, actions):
-        """Full causal forward over frames 0..T-1: x (B, T, C, H, W), t (B, T) long, actions (B, T, A)."""
-        return self._run(x, t, actions)
+    def forward(self, x, t, actions, clean=None):
+        """Full causal forward over frames 0..T-1: x (B, T, C, H, W), t (B, T) long, actions (B, T, A).
+
+        clean (B, T, C, H, W): teacher forcing against a clean copy of the window (training). Output j
+        is then what a plain forward gives for frame j after the clean frames 0..j-1, for every j
+        in one pass over 2T frames (the clean copy runs at level 0, with the same actions).
+        """
+        if clean is None:
+            return self._run(x, t, actions)
+        T = x.shape[1]
+        x2, a2 = torch.cat((clean, x), 1), torch.cat((actions, actions), 1)
+        return self._run(x2, torch.cat((torch.zeros_like(t), t), 1), a2, clean_copy=True)[:, T:]
 
     # ---- incremental generation -------------------------------------------------
 

@@ -199,13 +199,19 @@ class DiTTask:
                 utils.die(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be a share in 0..1")
         if not 0 <= cfg.clean_context_noise < diffusion.NUM_TIMESTEPS or cfg.sampler_steps < 1:
             utils.die("--clean-context-noise must be in 0..999 and --sampler-steps at least 1")
+        if cfg.clean_copy and (cfg.clean_context or cfg.ctx_noise_prob or cfg.rollout_frac):
+            utils.die(
+                "--clean-copy trains every frame after a clean context: drop --clean-context, "
+                "--ctx-noise-prob and --rollout-frac"
+            )
         if self.n_rollout and not 1 <= self.rollout_frames <= cfg.window - 2:
             utils.die(f"--rollout-frames {cfg.rollout_frames}: must be in 1..window-2 ({cfg.window - 2})")
         # The static background's latent: the per-cell median over a sample of training frames (--fg-weight).
         sample = self.train.sample(min(512, len(self.train)), torch.Generator().manual_seed(0))
         self.background = sample["latents"][:, 0].median(dim=0).values  # (C, h, w)
-        self.tokens_per_sample = cfg.window * self.model.grid_h * self.model.grid_w
-        self.flops_per_sample = 3 * flops_per_frame(self.model) * cfg.window  # forward + backward
+        frames = 2 * cfg.window if cfg.clean_copy else cfg.window  # the clean copy runs through the model too
+        self.tokens_per_sample = frames * self.model.grid_h * self.model.grid_w
+        self.flops_per_sample = 3 * flops_per_frame(self.model) * frames  # forward + backward
 
     def noise_levels(self, B, T, gen, ask=None):
         """(B, T) noise levels, and the (B,) windows that ask generation's question (`clean`).
@@ -261,11 +267,12 @@ class DiTTask:
         fg[:, 1:] |= moved(x0[:, 1:], x0[:, :-1])
         return 1.0 + self.cfg.fg_weight * fg.float()
 
-    def loss_on(self, model, x0, t, noise, cond, clean=None, weighted=True):
+    def loss_on(self, model, x0, t, noise, cond, clean=None, weighted=True, copy=False):
         """MSE on v. A clean window's context is given clean, as generation gives it, and is no target.
 
         Every window counts the same: a diffusion-forcing window averages its T frames, a clean
-        window is its last frame.
+        window is its last frame. copy=True (--clean-copy): every noised frame j is a target, after
+        the clean frames 0..j-1 of a clean copy of the window (DiT.forward's `clean`).
         """
         B, T = t.shape
         x_t = diffusion.q_sample(x0, t, noise, self.ac)
@@ -273,7 +280,8 @@ class DiTTask:
             clean = torch.zeros(B, dtype=torch.bool, device=t.device)
         ctx = clean[:, None] & (torch.arange(T, device=t.device) < T - 1)  # (B, T): frames that are only context
         x_t = torch.where((ctx & (t == 0))[..., None, None, None], x0, x_t)  # level 0: the clean latent itself
-        v, target = model(x_t, t, cond).float(), diffusion.v_target(x0, noise, t, self.ac)
+        v = model(x_t, t, cond, clean=x0) if copy else model(x_t, t, cond)
+        v, target = v.float(), diffusion.v_target(x0, noise, t, self.ac)
         w = self.cell_weights(x0) if weighted and self.cfg.fg_weight else torch.ones_like(x0[:, :, :1])
         frame = (~ctx).float()
         frame = frame / frame.sum(1, keepdim=True)  # (B, T): the frames of a window share a weight of 1
@@ -292,7 +300,7 @@ class DiTTask:
         x0, t, noise, cond, clean = self.make_batch(self.train, self.cfg.batch_size, gen)
         r = self.n_rollout
         if not r:
-            return self.loss_on(model, x0, t, noise, cond, clean), {}
+            return self.loss_on(model, x0, t, noise, cond, clean, copy=self.cfg.clean_copy), {}
         # the first r windows are trained on the model's own context; each window counts the same
         ro = self.rollout_loss(model, x0[:r], t[:r], noise[:r], cond[:r], gen)
         n = len(x0) - r

@@ -98,6 +98,11 @@ class DiTConfig(TrainConfig):
         "the loss on the last frame only (GameNGen)",
     )
     clean_context_noise: int = arg(0, "in those windows the context's levels are drawn from 0..this (augmentation)")
+    clean_copy: bool = arg(
+        False,
+        "teacher forcing against a clean copy of the window: every frame a target after the clean frames "
+        "before it, T targets a window for twice the tokens (CausVid's set-up)",
+    )
     sampler_levels: float = arg(0.0, "share of noise levels drawn at the DDIM sampler's levels (999, 500 for 2 steps)")
     sampler_steps: int = arg(2, "the sampler whose levels --sampler-levels draws: DDIM steps, as generate.py --steps")
     action_dropout: float = arg(0.1, "share of frames whose action is replaced by 'unknown' (zeros)")

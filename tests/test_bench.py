@@ -19,10 +19,16 @@ def bench(*args):
 
 
 def test_train_table_has_a_row_per_model():
-    out = bench("--what", "train", "--train-models", "tiny", "--train-vaes", "pong_fast")
+    out = bench("--what", "train", "--train-models", "tiny", "--train-vaes", "pong_fast", "--clean-copy")
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("DiT-tiny", "pong_fast"))]
-    assert [r[0] for r in rows] == ["DiT-tiny", "pong_fast"]
+    assert [(r[0], " ".join(r[7:])) for r in rows] == [
+        ("DiT-tiny", "eager"),
+        ("DiT-tiny", "clean copy"),
+        ("pong_fast", "eager"),
+    ]
     assert all(float(r[4]) > 0 and float(r[5]) > 0 and r[6] == "n/a" for r in rows)  # samples/s, TFLOP/s; no MFU on CPU
+    flops = [float(r[3]) * float(r[5]) for r in rows[:2]]  # ms/step x TFLOP/s: the step's counted FLOPs
+    assert 1.8 < flops[1] / flops[0] < 2.6  # --clean-copy's pass runs the window twice
 
 
 def test_forward_runs():

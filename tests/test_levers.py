@@ -108,3 +108,26 @@ def test_a_mixed_batch_weighs_every_window_the_same():
     a = tk.loss_on(dit, x0[:2], t[:2], noise[:2], cond[:2], clean[:2])
     b = tk.loss_on(dit, x0[2:], t[2:], noise[2:], cond[2:], clean[2:])
     torch.testing.assert_close(both, (a + b) / 2)
+
+
+@torch.no_grad()
+def test_clean_copy_scores_every_frame_after_the_clean_frames_before_it():
+    """--clean-copy (teacher forcing against a clean copy): one pass over 2T frames gives, for every
+    frame j, what a plain forward gives for j after the clean frames 0..j-1: T of generation's questions."""
+    tk, dit, (x0, t, noise, cond) = task(), tiny_dit(), batch()
+    x_t = diffusion.q_sample(x0, t, noise, tk.ac)
+    v = dit(x_t, t, cond, clean=x0)
+    for j in range(T):
+        t_j = torch.cat([torch.zeros_like(t[:, :j]), t[:, j : j + 1]], 1)
+        one = dit(torch.cat([x0[:, :j], x_t[:, j : j + 1]], 1), t_j, cond[:, : j + 1])[:, -1]
+        torch.testing.assert_close(v[:, j], one, atol=1e-5, rtol=1e-4)
+    # noised frame j sees neither the other noised frames nor the clean frames from j on
+    other = x_t.clone()
+    other[:, 1:3] = torch.randn_like(other[:, 1:3])
+    cleaner = x0.clone()
+    cleaner[:, 4:] = torch.randn_like(cleaner[:, 4:])
+    torch.testing.assert_close(dit(other, t, cond, clean=cleaner)[:, [0, 3, 4]], v[:, [0, 3, 4]], atol=1e-5, rtol=1e-4)
+    # the loss is the MSE over every frame of that pass
+    want = F.mse_loss(v, diffusion.v_target(x0, noise, t, tk.ac))
+    torch.testing.assert_close(tk.loss_on(dit, x0, t, noise, cond, copy=True), want)
+    assert not torch.allclose(tk.loss_on(dit, x0, t, noise, cond), want)  # diffusion forcing: noised context

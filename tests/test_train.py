@@ -1,5 +1,6 @@
 """train.py end to end on CPU: record, train the tiny VAE, train the tiny DiT; resume; torchrun; bad input."""
 
+import json
 import os
 import random
 import re
@@ -484,6 +485,21 @@ def test_rollout_training_runs_and_checks_its_flags(pipeline, tmp_path):
     assert len(ro) == 2 and all(0 < v < 10 for v in ro), p.stdout
     bad = run(*args, "--rollout-frac", "0.5", "--rollout-frames", "3", "--out", str(tmp_path / "x"), check=False)
     one_line_error(bad, "--rollout-frames 3")
+
+
+def test_clean_copy_training_runs_and_checks_its_flags(pipeline, tmp_path):
+    """--clean-copy runs each window twice (test_levers.py: what the pass computes): twice the tokens a sample."""
+    args = ["train.py", "dit", "--preset", "tiny", "--data", pipeline["data"], "--vae", pipeline["vae"]]
+    args += ["--wandb", "disabled", "--sample-every", "0", "--log-every", "2"]
+    p = run(*args, "--steps", "4", "--clean-copy", "--out", str(tmp_path / "cc"))
+    rates = re.findall(r"samples_s ([0-9.]+) tokens_s ([0-9]+)", p.stdout)
+    model = json.load(open(tmp_path / "cc" / "config.json"))["model"]
+    assert len(rates) == 2 and all(0 < float(v) < 10 for v in losses(p.stdout)), p.stdout
+    tokens_per_sample = float(rates[-1][1]) / float(rates[-1][0])
+    grid = (model["input_h"] // model["patch_size"]) * (model["input_w"] // model["patch_size"])
+    assert tokens_per_sample == pytest.approx(2 * model["window"] * grid, rel=0.05)
+    bad = run(*args, "--clean-copy", "--clean-context", "1", "--out", str(tmp_path / "x"), check=False)
+    one_line_error(bad, "--clean-copy")
 
 
 def test_bundle_then_finetune_then_rebundle_in_place(pipeline, tmp_path):

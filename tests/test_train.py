@@ -498,6 +498,10 @@ def test_clean_copy_training_runs_and_checks_its_flags(pipeline, tmp_path):
     tokens_per_sample = float(rates[-1][1]) / float(rates[-1][0])
     grid = (model["input_h"] // model["patch_size"]) * (model["input_w"] // model["patch_size"])
     assert tokens_per_sample == pytest.approx(2 * model["window"] * grid, rel=0.05)
+    # the same seed, batches and levels without the flag: the weights differ only if training used the copy
+    run(*args, "--steps", "4", "--out", str(tmp_path / "plain"))
+    w = [torch.load(tmp_path / d / "ckpt.pt", map_location="cpu", weights_only=True)["model"] for d in ("cc", "plain")]
+    assert not all(torch.equal(w[0][k], w[1][k]) for k in w[0])
     bad = run(*args, "--clean-copy", "--clean-context", "1", "--out", str(tmp_path / "x"), check=False)
     one_line_error(bad, "--clean-copy")
 

@@ -54,21 +54,24 @@ data: $(VENV_OK)
 # 60 minutes with a clean context and the sampler's noise levels (issue #21; docs/experiments.md).
 VAE_DATA := data/pong_tracker_e25,data/pong_tracker_e10
 RESUME = $$(test -f $(1)/ckpt.pt && echo --resume)
+# Each run in bf16 on a CPU with AVX-512 BF16 or AMX (about 1.8x the steps a minute; issue #25, docs/speed.md);
+# the shipped model's stages ran in fp32: `make train-cpu PRECISION=fp32` replays them so.
+PRECISION := auto
 CPU_RUN := OMP_NUM_THREADS=1 $(PY) train.py
 train-cpu: $(VENV_OK)
-	$(CPU_RUN) vae --preset cpu --data $(VAE_DATA) --out runs/vae_cpu $(call RESUME,runs/vae_cpu)
-	$(CPU_RUN) dit --preset cpu --data $(DATA) --vae runs/vae_cpu --out runs/dit_cpu \
+	$(CPU_RUN) vae --precision $(PRECISION) --preset cpu --data $(VAE_DATA) --out runs/vae_cpu $(call RESUME,runs/vae_cpu)
+	$(CPU_RUN) dit --precision $(PRECISION) --preset cpu --data $(DATA) --vae runs/vae_cpu --out runs/dit_cpu \
 		--max-episodes 8 --max-minutes 100 $(call RESUME,runs/dit_cpu)
-	$(CPU_RUN) dit --preset cpu --data $(DATA),$(RANDOM) --vae runs/vae_cpu --init runs/dit_cpu --out runs/dit_ft \
+	$(CPU_RUN) dit --precision $(PRECISION) --preset cpu --data $(DATA),$(RANDOM) --vae runs/vae_cpu --init runs/dit_cpu --out runs/dit_ft \
 		--max-episodes 8 --steps 2000 --lr 2e-4 --warmup 50 --max-minutes 70 $(call RESUME,runs/dit_ft)
-	$(CPU_RUN) vae --preset cpu --data $(VAE_DATA) --init runs/vae_cpu --decoder-only --decoder lite \
+	$(CPU_RUN) vae --precision $(PRECISION) --preset cpu --data $(VAE_DATA) --init runs/vae_cpu --decoder-only --decoder lite \
 		--fg-weight 100 --steps 6000 --max-minutes 50 --out runs/vae_lite $(call RESUME,runs/vae_lite)
 	$(PY) bundle.py --dit runs/dit_ft --vae runs/vae_lite/ckpt.pt --out checkpoints
-	$(CPU_RUN) dit --preset cpu --data $(DATA),$(RANDOM) --vae checkpoints/pong_vae.pt --init checkpoints/pong_dit.pt \
+	$(CPU_RUN) dit --precision $(PRECISION) --preset cpu --data $(DATA),$(RANDOM) --vae checkpoints/pong_vae.pt --init checkpoints/pong_dit.pt \
 		--out runs/dit_ft2 --max-episodes 8 --lr 2e-4 --warmup 50 --max-minutes 35 --seed 1 --sample-every 0 \
 		$(call RESUME,runs/dit_ft2)
 	$(PY) bundle.py --dit runs/dit_ft2 --vae checkpoints/pong_vae.pt --out checkpoints
-	$(CPU_RUN) dit --preset cpu --data $(DATA),$(RANDOM) --vae checkpoints/pong_vae.pt --init checkpoints/pong_dit.pt \
+	$(CPU_RUN) dit --precision $(PRECISION) --preset cpu --data $(DATA),$(RANDOM) --vae checkpoints/pong_vae.pt --init checkpoints/pong_dit.pt \
 		--out runs/dit_clean --max-episodes 8 --lr 2e-4 --warmup 50 --max-minutes 60 --seed 2 --sample-every 0 \
 		--clean-context 1 --sampler-levels 0.5 $(call RESUME,runs/dit_clean)
 	$(PY) bundle.py --dit runs/dit_clean --vae checkpoints/pong_vae.pt --out checkpoints
@@ -100,7 +103,7 @@ gpu-pack: $(VENV_OK)
 # The GPU figures as a second command (<= 4 minutes, not yet measured): training samples/s and MFU of DiT-XS and
 # XS1 at batch 64 and at the batch rule's, eager and compiled; generation frames/s at batch 1 to 1024.
 bench-gpu:
-	$(GPU_PY) bench.py --what train --device cuda --dtype bfloat16 --window 6 --train-models XS,XS1 \
+	$(GPU_PY) bench.py --what train --device cuda --precision bf16 --window 6 --train-models XS,XS1 \
 		--train-batch 64,auto --compile
 	$(GPU_PY) bench.py --what generate --device cuda --steps 2 --gen-batches 1,64,256,1024
 

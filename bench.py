@@ -2,7 +2,7 @@
 
     python bench.py --what forward                  # DiT "S" forward on this CPU (about a minute)
     python bench.py --what forward --preset tiny    # smoke run, seconds
-    python bench.py --what forward --device cuda --dtype bfloat16   # one GPU
+    python bench.py --what forward --device cuda --precision bf16   # one GPU
     python bench.py --what vae                      # VAE encode/decode ms per 96x96 frame, batch 1
 
 --what forward: full-window DiT forward throughput (tokens/s, frames/s) at each batch
@@ -20,11 +20,14 @@ the last row also decodes on a second thread (step_pipelined), as generate.py an
 A batch of `auto` is the rule that fills the GPU (train_batch_rule: about --train-tokens tokens a step, halved
 until autograd's saved activations fit the free memory); --compile adds a torch.compile'd row at the last batch,
 --clean-copy a row per batch timing train.py dit --clean-copy's pass (the window twice).
-    python bench.py --what train --device cuda --dtype bfloat16 --window 6 --train-models XS,XS1 \
+    python bench.py --what train --device cuda --precision bf16 --window 6 --train-models XS,XS1 \
         --train-batch 64,auto --compile
+--what precision: fp32 against bf16 autocast, side by side at each of --precision-threads: training samples/s of
+the shipped shapes (DiT --train-models at --train-batch x --window, the VAE's decoder fine-tune at --vae-batch) and
+generation frames/s at batch 1 (chunk+pipeline, as play.py runs), with the ratio.
+    python bench.py --what precision --window 6 --train-models XS --train-batch 16 --vae-batch 8 --gen-frames 40
 """
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -34,6 +37,7 @@ import time
 
 import torch
 
+import utils
 from dit import DEFAULT_MODEL, DiT_models
 from utils import arg, die, parse_config, peak_flops, pick_device, seed_everything
 from uvit_vae import DECODER_CONFIGS, VAE_CONFIGS, build_vae
@@ -41,7 +45,7 @@ from uvit_vae import DECODER_CONFIGS, VAE_CONFIGS, build_vae
 
 @dataclasses.dataclass
 class BenchConfig:
-    what: str = arg("forward", "which benchmark to run", choices=["forward", "vae", "generate", "train"])
+    what: str = arg("forward", "which benchmark to run", choices=["forward", "vae", "generate", "train", "precision"])
     ckpt: str = arg("", "generate: DiT checkpoint (default: the bundled one, else a random --model with pong_cpu)")
     steps: int = arg(2, "generate: DDIM steps per frame")
     gen_frames: int = arg(24, "generate: timed frames per measurement, after the window is full")
@@ -65,7 +69,10 @@ class BenchConfig:
     repeats: int = arg(5, "timed calls; the median is reported")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
     device: str = arg("cpu", "cpu or cuda")
-    dtype: str = arg("float32", "float32, or bfloat16 under autocast", choices=["float32", "bfloat16"])
+    precision: str = arg(
+        "fp32", "fp32, or bf16 under autocast (weights fp32, as train.py runs it)", choices=["fp32", "bf16"]
+    )
+    precision_threads: str = arg("1,2", "precision: comma-separated CPU thread counts to compare at")
     seed: int = arg(0, "random seed for weights and inputs")
 
 
@@ -101,9 +108,7 @@ def timeit(fn, cfg):
 
 
 def autocast(cfg):
-    if cfg.dtype == "bfloat16":
-        return torch.autocast(device_type=cfg.device.split(":")[0], dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return utils.autocast(cfg.precision, cfg.device)
 
 
 def random_inputs(model, b, t, device):
@@ -127,7 +132,7 @@ def bench_forward(cfg):
     tokens_per_frame = model.grid_h * model.grid_w
     n_params = sum(p.numel() for p in model.parameters())
     print(f"DiT-{cfg.model}: {n_params / 1e6:.2f}M params, {tokens_per_frame} tokens/frame, device {cfg.device}")
-    print(f"threads {torch.get_num_threads()}, dtype {cfg.dtype}, median of {cfg.repeats} after {cfg.warmup} warmup")
+    print(f"threads {torch.get_num_threads()}, {cfg.precision}, median of {cfg.repeats} after {cfg.warmup} warmup")
     results = {}
     with torch.inference_mode(), autocast(cfg):
         for b in [int(s) for s in cfg.batches.split(",")]:
@@ -201,23 +206,24 @@ def load_engine_parts(cfg):
 
 
 def time_engine(eng, step, prompt, actions, window, cfg, sync):
-    """Steady-state steps/s of one engine: fill the window and run a full chunk cycle first, then time."""
-    with autocast(cfg):
-        eng.reset(prompt)
-        for _ in range(window + window // 2 + cfg.warmup):  # every cache state seen (and captured) once
-            step(actions)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(cfg.gen_frames):  # pipelined: each call hands over the previous frame
-            step(actions).cpu()
-        sync()
-        steps_per_s = cfg.gen_frames / (time.perf_counter() - t0)
-        eng.flush()  # the frame still decoding is not counted, so not timed either
+    """Steady-state steps/s of one engine (its own precision): fill the window, run a full chunk cycle, then time."""
+    eng.reset(prompt)
+    for _ in range(window + window // 2 + cfg.warmup):  # every cache state seen (and captured) once
+        step(actions)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(cfg.gen_frames):  # pipelined: each call hands over the previous frame
+        step(actions).cpu()
+    sync()
+    steps_per_s = cfg.gen_frames / (time.perf_counter() - t0)
+    eng.flush()  # the frame still decoding is not counted, so not timed either
     return steps_per_s
 
 
-def bench_generate(cfg):
-    """Generation frames/s, end to end: naive window re-run vs KV cache (exact, chunk, stream windows)."""
+def bench_generate(cfg, only=None):
+    """Generation frames/s, end to end: naive window re-run vs KV cache (exact, chunk, stream windows).
+
+    only: the variants' labels to run (default all)."""
     import numpy as np
 
     import engine
@@ -226,7 +232,7 @@ def bench_generate(cfg):
     size = dit.input_h * vae.downsample_factor
     print(
         f"model: {name}; {dit.window}-frame window, {cfg.steps} DDIM steps, {size}x{size} frames, "
-        f"device {cfg.device}, threads {torch.get_num_threads()}, dtype {cfg.dtype}"
+        f"device {cfg.device}, threads {torch.get_num_threads()}, precision {cfg.precision}"
     )
     # (label, cached, slide, pipelined): the pipelined one decodes frame k on a second thread while the
     # DiT makes frame k+1, each stage with half the threads (engine.set_threads), as generate.py and play.py run
@@ -237,8 +243,9 @@ def bench_generate(cfg):
         ("cached stream", True, "stream", False),
         ("chunk+pipeline", True, "chunk", True),
     ]
-    if cfg.device.startswith("cuda") and cfg.dtype == "float32":  # each DiT pass replayed from a CUDA graph
+    if cfg.device.startswith("cuda") and cfg.precision == "fp32":  # each DiT pass replayed from a CUDA graph
         variants.append(("chunk+graph", True, "chunk", False))
+    variants = [v for v in variants if only is None or v[0] in only]
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     threads = torch.get_num_threads()
     results = {}
@@ -251,7 +258,9 @@ def bench_generate(cfg):
                 engine.set_threads(0, cfg.device)
             graph = label.endswith("graph")
             kind = engine.WorldModel if cached else engine.NaiveWorldModel
-            eng = kind(dit, vae, scale, cfg.device, steps=cfg.steps, slide=slide, cuda_graph=graph)
+            eng = kind(
+                dit, vae, scale, cfg.device, steps=cfg.steps, slide=slide, cuda_graph=graph, precision=cfg.precision
+            )
             step = eng.step_pipelined if pipelined else eng.step
             try:
                 if graph:  # first check the replayed graphs against the eager engine, same seed
@@ -271,11 +280,12 @@ def bench_generate(cfg):
                 print(f"batch {b:<5} {label:<15} failed: {str(e).splitlines()[0][:200]}")
                 continue
             results[(b, label)] = b * fps  # frames/s in total, all b streams
-            ratio = results[(b, label)] / results[(b, "naive")]
+            naive = results.get((b, "naive"))
+            ratio = f"{results[(b, label)] / naive:4.1f}x naive" if naive else "naive not run"
             how = f"{torch.get_num_threads()}+{torch.get_num_threads()}" if pipelined else f"{threads}"
             print(
                 f"batch {b:<5} {label:<15} {b * fps:10.1f} frames/s in total ({fps:7.1f} per stream, "
-                f"{ratio:4.1f}x naive)  threads {how}"
+                f"{ratio})  threads {how}"
             )
     torch.set_num_threads(threads)
     return results
@@ -329,7 +339,7 @@ def bench_train(cfg):
         die(f"--train-batch {cfg.train_batch!r}: expected comma-separated window counts or auto, e.g. 64,auto")
     peak = peak_flops(cfg.device)
     rows = [("dit", m) for m in cfg.train_models.split(",") if m] + [("vae", v) for v in cfg.train_vaes.split(",") if v]
-    print(f"device {cfg.device}, dtype {cfg.dtype}, median of {cfg.repeats} steps after {cfg.warmup} warmup")
+    print(f"device {cfg.device}, precision {cfg.precision}, median of {cfg.repeats} steps after {cfg.warmup} warmup")
     print(f"{'model':>12} {'params':>8} {'batch':>9} {'ms/step':>9} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6}  mode")
     results = {}
     for kind, name in rows:
@@ -378,7 +388,7 @@ def bench_train(cfg):
             how = f"compiled ({first:.0f}s to compile)" if mode == "compiled" else mode
             print(
                 f"{label:>12} {n_params:7.1f}M {label_b:>9} {sec * 1e3:9.1f} {n / sec:10.1f} "
-                f"{flops / 1e12:8.2f} {mfu}  {how}"
+                f"{flops / 1e12:8.3g} {mfu}  {how}"
             )
             results[(label, n, mode)] = {
                 "ms": sec * 1e3,
@@ -389,7 +399,33 @@ def bench_train(cfg):
     return results
 
 
+def bench_precision(cfg):
+    """fp32 against bf16 at each thread count, one run: training samples/s and generation frames/s, with ratios."""
+    rows = {}
+    for threads in [int(n) for n in cfg.precision_threads.split(",")]:
+        torch.set_num_threads(threads)
+        for precision in ("fp32", "bf16"):
+            c = dataclasses.replace(cfg, precision=precision, gen_batches="1")
+            print(f"--- {threads} thread(s), {precision}")
+            train = {label: r["samples_s"] for (label, _, mode), r in bench_train(c).items() if mode == "eager"}
+            gen = bench_generate(c, only=("chunk+pipeline",))
+            rows[threads, precision] = train | {"generate (frames/s)": gen[1, "chunk+pipeline"]}
+    print(
+        f"\n{'':24}"
+        + "".join(f"{f'{t} thr fp32':>12}{f'{t} thr bf16':>12}{'ratio':>7}" for t, _ in rows if _ == "fp32")
+    )
+    for name in rows[next(iter(rows))]:
+        line = f"{name + ('' if '/s' in name else ' (samples/s)'):24}"
+        for t, p in rows:
+            if p == "fp32":
+                a, b = rows[t, "fp32"][name], rows[t, "bf16"][name]
+                line += f"{a:12.1f}{b:12.1f}{b / a:6.2f}x"
+        print(line)
+    return rows
+
+
 BENCHES = {"forward": bench_forward, "vae": bench_vae, "generate": bench_generate, "train": bench_train}
+BENCHES["precision"] = bench_precision
 
 
 def main(cfg):

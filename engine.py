@@ -49,11 +49,19 @@ class ModelConfig:
     guidance: float = arg(1.0, "classifier-free guidance scale on the action (1: off; >1 costs a second DiT pass)")
     slide: str = arg("chunk", "how the context window moves once full (see engine.SLIDES)", choices=list(SLIDES))
     device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
+    precision: str = arg(
+        "auto",
+        "auto | fp32 | bf16 (autocast; auto: engine.AUTO_CPU_BF16 on a CPU with fast bf16, fp32 elsewhere)",
+        choices=list(utils.PRECISIONS),
+    )
     ema: bool = arg(True, "use the EMA weights")
     cuda_graph: bool = arg(False, "CUDA only: replay each DiT pass from a captured CUDA graph (dit.CUDAGraphRunner)")
     seed: int = arg(0, "random seed")
 
 
+# Whether --precision auto generates in bf16 on a CPU that does it fast (AVX-512 BF16 or AMX): set by the
+# held-out A/B of issue #25 (docs/experiments.md). On CUDA, auto stays fp32: bf16 generation is untested there.
+AUTO_CPU_BF16 = False
 THREADS_HELP = "CPU threads for each of the two stages (DiT, VAE decode); 0: half the cores each"
 
 
@@ -101,7 +109,9 @@ def load_world_model(cfg, device, naive=False, **overrides):
     dit, config, step = load_dit(cfg.ckpt, device, cfg.ema)
     vae_path = find_vae(cfg.ckpt, config, cfg.vae)
     kw = dict(steps=cfg.steps, context_noise=cfg.context_noise, seed=cfg.seed, slide=cfg.slide)
-    kw |= dict(guidance=cfg.guidance, cuda_graph=cfg.cuda_graph) | overrides
+    precision = "fp32" if cfg.precision == "auto" and torch.device(device).type != "cpu" else cfg.precision
+    precision = utils.pick_precision(precision, device, auto_cpu=AUTO_CPU_BF16)
+    kw |= dict(guidance=cfg.guidance, cuda_graph=cfg.cuda_graph, precision=precision) | overrides
     engine = (NaiveWorldModel if naive else WorldModel)(
         dit, load_vae(vae_path, device), config["latent_scale"], device, **kw
     )
@@ -171,7 +181,7 @@ class WorldModel:
 
     def __init__(
         self, dit, vae, latent_scale, device, steps=2, context_noise=0, seed=0, slide="chunk", guidance=1.0,
-        cuda_graph=False,
+        cuda_graph=False, precision="fp32",
     ):  # fmt: skip
         if slide not in SLIDES:
             raise ValueError(f"slide must be one of {SLIDES}, found {slide!r}")
@@ -180,6 +190,7 @@ class WorldModel:
         self.dit, self.vae, self.scale, self.device = dit, vae, latent_scale, torch.device(device)
         self.slide, self.guidance, self.context_noise = slide, float(guidance), int(context_noise)
         self.cuda_graph, self.runner = cuda_graph, None
+        self.precision = precision  # "bf16": the DiT and the VAE run under autocast; the sampler's maths stays fp32
         self.window = dit.window
         self.ac = diffusion.alphas_cumprod_schedule().to(self.device)
         ts = diffusion.ddim_timesteps(steps)
@@ -191,19 +202,25 @@ class WorldModel:
     def frame_size(self):
         return self.dit.input_h * self.vae.downsample_factor
 
+    def amp(self):
+        """The networks' context (thread-local, so the decode thread enters its own)."""
+        return utils.autocast(self.precision, self.device)
+
     @torch.no_grad()
     def encode(self, frames):
         """uint8 (B, n, H, W, 3) -> scaled latents (B, n, C, h, w)."""
         x = torch.as_tensor(frames, device=self.device)
         B, n = x.shape[:2]
         x = x.flatten(0, 1).movedim(-1, 1).float().div(127.5).sub(1)
-        z = self.vae.encode(x).mean * self.scale
+        with self.amp():
+            z = self.vae.encode(x).mean.float() * self.scale
         return z.unflatten(0, (B, n))
 
     @torch.no_grad()
     def decode(self, z):
         """scaled latents (B, C, h, w) -> uint8 (B, H, W, 3)."""
-        x = self.vae.decode(z / self.scale)
+        with self.amp():
+            x = self.vae.decode(z / self.scale).float()
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1)
 
     def _onehot(self, actions):
@@ -240,7 +257,8 @@ class WorldModel:
 
     def _predict(self, x, tt, a):
         """The DiT's v for the new frame x (B, 1, C, h, w) at level tt (B, 1) after action a (B, 1, A)."""
-        return self.dit.forward_cached(x, tt, a, self.cache, runner=self.runner)
+        with self.amp():  # the cached context's keys/values are made here too (queued frames run first)
+            return self.dit.forward_cached(x, tt, a, self.cache, runner=self.runner).float()
 
     def _append(self, z, tt, a, keep):
         """Add the finished frame to the context, then keep only its last `keep` frames."""
@@ -316,8 +334,9 @@ class NaiveWorldModel(WorldModel):
         self.ctx, self.ctx_t, self.ctx_a = ctx, t, a  # (B, Tc, ...) the model's context
 
     def _predict(self, x, tt, a):
-        full = self.dit(torch.cat([self.ctx, x], 1), torch.cat([self.ctx_t, tt], 1), torch.cat([self.ctx_a, a], 1))
-        return full[:, -1:]
+        with self.amp():
+            full = self.dit(torch.cat([self.ctx, x], 1), torch.cat([self.ctx_t, tt], 1), torch.cat([self.ctx_a, a], 1))
+        return full[:, -1:].float()
 
     def _append(self, z, tt, a, keep):
         self.ctx, self.ctx_t, self.ctx_a = (

@@ -35,7 +35,7 @@ import torch
 
 import engine as engines
 import utils
-from metrics import next_frame_block, plot, report, rollout_block, share, to_json
+from metrics import next_frame_block, plot, report, report_vae, rollout_block, share, to_json
 from utils import DOWN, UP, arg
 
 
@@ -50,6 +50,7 @@ class EvalConfig(engines.ModelConfig):
     horizons: str = arg("1,8,16,32,64", "rollout steps at which metrics are reported (those <= --horizon)")
     tf_frames: int = arg(256, "teacher-forced target frames, spread evenly over the held-out episodes")
     vae_frames: int = arg(512, "real frames for the VAE reconstruction metrics")
+    vae_only: bool = arg(False, "only the VAE reconstruction metrics (to compare decoders: --vae)")
     control_frames: int = arg(8, "controllability: frames generated with up or down held")
     speed_frames: int = arg(64, "frames timed at batch 1 for the speed figure")
     sweep_steps: str = arg("", "comma-separated DDIM step counts to sweep, e.g. 1,2,4,8")
@@ -177,6 +178,11 @@ def control_block(engine, eps, points, ctx, K, cfg, y_range):
     return m
 
 
+def device_name(device):
+    cpu = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+
+
 def parse_list(flag, text):
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -225,6 +231,8 @@ def main(cfg, argv=()):
     chunks = np.array_split(real, -(-len(real) // 64))
     rec = np.concatenate([engine.decode(engine.encode(c[:, None])[:, 0]).cpu().numpy() for c in chunks])
     m_vae = next_frame_block(real, rec) | {"n_ball": int(utils.detect_objects(real)["ball_present"].sum())}
+    if cfg.vae_only:
+        return write(cfg, argv, engine, {"vae": m_vae, "counts": dict(vae_frames=len(vae_pts))}, t_start, eps)
 
     def quality(eng, label):
         """Teacher-forced next frames and autoregressive rollouts with one sampler setting."""
@@ -254,8 +262,7 @@ def main(cfg, argv=()):
     m_ctl["psnr_gain_true_vs_shuffled"] = float(gain.mean())
     m_ctl["psnr_gain_at"] = {str(k): float(gain[:, k - 1].mean()) for k in horizons}
     fps = fps_batch1(engine, eps, ar_pts[0], P, cfg.speed_frames)
-    cpu = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    dev_name = device_name(device)
 
     for name, values in sweeps.items():
         rows = []
@@ -271,14 +278,9 @@ def main(cfg, argv=()):
         sweeps[name] = rows
 
     metrics = {
-        "config": dataclasses.asdict(cfg),
-        "argv": list(argv),
-        "checkpoint": engine.source,
-        "device": dev_name,
         "derived": dict(
             context=ctx, prompt=P, horizons=horizons, frame_size=engine.frame_size, model=engine.dit.config
         ),
-        "data": dict(dir=os.path.abspath(cfg.data), episodes=len(eps), frames=sum(len(ep["frames"]) for ep in eps)),
         "counts": dict(vae_frames=len(vae_pts), tf_frames=len(tf_pts), rollouts=len(ar_pts), control=m_ctl["n"]),
         "vae": m_vae,
         "teacher_forced": m_tf,
@@ -287,12 +289,23 @@ def main(cfg, argv=()):
         "control": m_ctl,
         "speed": dict(frames_per_s_batch1=fps, frames=cfg.speed_frames, steps=cfg.steps, device=dev_name),
         "sweeps": {k: v for k, v in sweeps.items() if v},
-        "seconds": time.time() - t_start,
     }
+    write(cfg, argv, engine, metrics, t_start, eps, horizons)
+
+
+def write(cfg, argv, engine, metrics, t_start, eps=(), horizons=()):
+    """OUT/metrics.json (with the run's config, checkpoint, device and data) and OUT/metrics.png; print the table."""
+    head = dict(config=dataclasses.asdict(cfg), argv=list(argv), checkpoint=engine.source)
+    head["device"] = device_name(engine.device)
+    head |= dict(precision=engine.precision, data=dict(dir=os.path.abspath(cfg.data), episodes=len(eps)))
+    head["data"]["frames"] = sum(len(ep["frames"]) for ep in eps)
     notes = {}
-    metrics = to_json(metrics, notes) | {"null_reasons": notes}
+    metrics = to_json(head | metrics | {"seconds": time.time() - t_start}, notes) | {"null_reasons": notes}
     os.makedirs(cfg.out, exist_ok=True)
     utils.atomic_write_text(os.path.join(cfg.out, "metrics.json"), json.dumps(metrics, indent=1))
+    if cfg.vae_only:
+        print(report_vae(metrics))
+        return
     plot(os.path.join(cfg.out, "metrics.png"), metrics, cfg.horizon)
     print(report(metrics, horizons))
 

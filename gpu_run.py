@@ -90,7 +90,7 @@ class RunConfig:
     eval_flags: str = arg("--rollouts 32 --tf-frames 1024", "eval: evaluate.py flags (the README quality table's)")
     eval_s: float = arg(150, "eval: budget in seconds (every model at once)")
     bench: str = arg(
-        "--what train --dtype bfloat16 --window 6 --train-models XS,XS1 --train-batch 64,auto --compile; "
+        "--what train --precision bf16 --window 6 --train-models XS,XS1 --train-batch 64,auto --compile; "
         "--what generate --steps 2 --gen-batches 1,64,256,1024",
         "bench: bench.py flag sets separated by ';', one after the other in the time left",
     )

@@ -1,17 +1,20 @@
 """How close are generated Pong frames to the real ones: image, object and score-event metrics.
 
-evaluate.py runs the model and calls these; they take uint8 frames (..., H, W, 3) and know
-nothing of the model. Objects come from utils.detect_objects (colour unmixing, sub-pixel).
+evaluate.py runs the model and calls these; they take uint8 frames (..., H, W, 3) and know nothing
+of the model. Objects come from utils.detect_objects (colour unmixing, sub-pixel).
 
-Score changes are found the same way in real and generated frames, without the recorded
-rewards. "score_events": a point at frame k when the ball was seen at k-1 within 15% of the
-width from the left or right edge and is gone at k, k+1 and k+2 (after a point the real game
-hides the ball for ~15 frames), scored by the player if it left on the left. "score_digits":
-the score digits (the rows above the top wall) change between k-1 and k and then stay put
-for 2 frames; the half that changed says who scored. A generated event matches a real one
-with the same scorer within +-2 frames (one-to-one); precision = matched / generated events,
-recall = matched / real events, over all rollouts. On recorded episodes both detectors find
-every recorded reward within +-2 frames and nothing else but the reset frame (tests/test_evaluate.py).
+Score changes are found the same way in real and generated frames, without the recorded rewards.
+"score_events": a point at frame k when the ball was seen at k-1 within 15% of the width from the
+left or right edge and is gone at k, k+1 and k+2 (after a point the real game hides the ball for ~15
+frames), scored by the player if it left on the left. "score_digits": the score digits (the rows
+above the top wall) change between k-1 and k and then stay put for 2 frames; the half that changed
+says who scored. A generated event matches a real one with the same scorer within +-2 frames
+(one-to-one); precision = matched / generated events, recall = matched / real events, over all
+rollouts.
+"score_read_opponent/player": the share of frames whose generated (or reconstructed) score half
+reads as the real one (pong.read_score); "score_held" at step k: both halves read right, over the
+rollouts whose real score has not changed by step k. On recorded episodes both detectors find every
+recorded reward within +-2 frames and nothing else but the reset frame (tests/test_evaluate.py).
 """
 
 import os
@@ -20,12 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import pong
 import utils
 
+SIDES = ("opponent", "player")  # pong.read_score's halves, left and right
 EDGE, GONE, TOL = 0.15, 3, 2  # score events: edge band (share of width), frames gone, match tolerance
 HIT_PX = 4  # a generated ball within this many pixels of the real one is a hit
 # why a metric is null, by a fragment of its name in metrics.json (first match wins)
 REASONS = [
+    ("score_read", "no real frame shows a readable score"),
+    ("score_held", "the real score changed (or is unreadable) in every rollout by this step"),
     ("ball_presence", "no real frame shows a ball"),
     ("ball_spurious", "every real frame shows a ball"),
     ("precision", "no point is scored in the generated rollouts"),
@@ -103,12 +110,19 @@ def objects(real, gen):
     return dr, dg, err, share(dg["ball_present"], dr["ball_present"])
 
 
+def score_read(real, gen):
+    """Share of frames whose generated score half reads as the real one does (pong.read_score), each half."""
+    sr, sg = pong.read_score(real), pong.read_score(gen)
+    return {f"score_read_{side}": share(sg[..., i] == sr[..., i], sr[..., i] >= 0) for i, side in enumerate(SIDES)}
+
+
 def next_frame_block(real, gen):
     """Per-frame metrics of (N, H, W, 3) frames; ball_presence: share of real balls also seen in gen."""
     dr, dg, err, presence = objects(real, gen)
     m = dict(psnr=utils.psnr(real, gen).mean(), ssim=ssim(real, gen).mean(), ball_presence=presence)
     m |= dict(ball_spurious=share(dg["ball_present"], ~dr["ball_present"]))
     m |= dict(ball_hit_rate=share(err["ball"] <= HIT_PX, dr["ball_present"]))  # NaN (no ball drawn) is a miss
+    m |= score_read(real, gen)
     out = {k: float(v) for k, v in m.items()} | {"ball_error_px": float(nanmean(err["ball"])), "n": len(real)}
     return out | {"n_ball": int(dr["ball_present"].sum())}
 
@@ -126,6 +140,11 @@ def rollout_block(real, gen, horizons):
     res |= {"ball_error_first16_px": float(nanmean(err["ball"][:, 1:17])), "curves_px": curves}
     hit = err["ball"][:, 1:] <= HIT_PX  # NaN (a ball missing on either side) is a miss
     res |= {"ball_hit_rate": share(hit, has_r), "ball_hit_rate_first16": share(hit[:, :16], has_r[:, :16])}
+    # score held: both halves read as the real frame's, where the real score has not changed since the start
+    sr, sg = pong.read_score(real), pong.read_score(gen)  # (R, 1 + T, 2)
+    same = (sr == sr[:, :1]).all(-1) & (sr >= 0).all(-1)
+    held = (sg == sr).all(-1)
+    res["score_held"] = at([share(held[:, k], same[:, k]) for k in range(1, held.shape[1])])
     for name in ("score_events", "score_digits"):
         n_r = n_g = n_m = 0
         for i in range(len(real)):
@@ -183,6 +202,19 @@ def plot(path, m, horizon):
     plt.close(fig)
 
 
+def report_vae(m):
+    """The run's header and the VAE's line (all evaluate.py --vae-only prints)."""
+    f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
+    vae, ck, data = m["vae"], m["checkpoint"], m["data"]
+    head = f"{ck['path']} (step {ck['step']}) on {m['device']}, {m.get('precision', 'fp32')}: {data['episodes']} "
+    return (
+        head
+        + f"""episodes, {data["frames"]} frames
+VAE recon.    PSNR {f(vae["psnr"])} dB  SSIM {f(vae["ssim"], 3)}  ball kept {f(vae["ball_presence"], 3)}  score read \
+{f(vae.get("score_read_opponent"), 3)} / {f(vae.get("score_read_player"), 3)} (opponent / player; {vae["n"]} frames)"""
+    )
+
+
 def report(m, horizons):
     """The compact table printed at the end: primed rollouts and rollouts from one frame side by side."""
     f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
@@ -191,8 +223,7 @@ def report(m, horizons):
         f"primed ({m['derived']['prompt']} frames)": m["autoregressive"],
         "one frame": m["autoregressive_one_frame"],
     }
-    out = [f"{ck['path']} (step {ck['step']}) on {m['device']}: {data['episodes']} episodes, {data['frames']} frames"]
-    out.append(f"VAE recon.    PSNR {f(vae['psnr'])} dB  SSIM {f(vae['ssim'], 3)}  ball kept {f(vae['ball_presence'])}")
+    out = report_vae(m).splitlines()[:2]
     out.append(
         f"teacher-f.    PSNR {f(tf['psnr'])} dB  SSIM {f(tf['ssim'], 3)}  ball presence {f(tf['ball_presence'])}"
         f"  spurious {f(tf.get('ball_spurious'))}  error {f(tf['ball_error_px'])} px"
@@ -200,7 +231,7 @@ def report(m, horizons):
     )
     for name, ar in runs.items():
         out.append(f"{m['counts']['rollouts']} rollouts, {name}, step " + "".join(f"{k:>7}" for k in horizons))
-        for key in ("psnr", "ball_error_px", "player_error_px", "opponent_error_px"):
+        for key in ("psnr", "ball_error_px", "player_error_px", "opponent_error_px", "score_held"):
             out.append(f"{key:>22}" + "".join(f"{f(ar[key][str(k)]):>7}" for k in horizons))
         out.append(
             f"  ball presence {f(ar['ball_presence'])}, spurious {f(ar['ball_spurious'])}, error first 16 steps "

@@ -20,6 +20,7 @@ import diffusion
 import utils
 from dataset import PongDataset, build_latent_cache, list_split, to_float_frames
 from engine import WorldModel, load_vae
+from metrics import score_read
 
 
 def load_split(cfg):
@@ -59,7 +60,14 @@ class VAETask:
         self.val = windows(val_files or train_files[:1], 1, device)
         # The static background: the per-pixel median over a sample of training frames.
         g = torch.Generator().manual_seed(0)
-        self.background = self.train.sample(min(512, len(self.train)), g)["frames"][:, 0].median(dim=0).values
+        sample = self.train.sample(min(512, len(self.train)), g)["frames"][:, 0]  # (n, 3, H, W)
+        self.background = sample.median(dim=0).values
+        # --fg-mask colour: what is drawn over the field's colour (the most common one) where the frames often
+        # differ from the median (> 2% of the sample: a score's digits; not the walls, which would outweigh the ball)
+        colours, counts = self.background.flatten(1).unique(dim=1, return_counts=True)
+        self.bg_colour = colours[:, counts.argmax()][:, None, None]  # (3, 1, 1)
+        differs = ((sample - self.background).abs().amax(dim=1) > 0.1).float().mean(dim=0)  # (H, W)
+        self.changes = (differs > 0.02)[None]  # (1, H, W)
         tiny = dict(ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8) if cfg.model == "tiny" else {}
         try:
             self.model = build_vae("pong" if tiny else cfg.model, **tiny).to(device)
@@ -85,14 +93,17 @@ class VAETask:
 
     def loss(self, model, gen):
         x = self.train.sample(self.cfg.batch_size, gen)["frames"][:, 0]  # (B, 3, H, W)
-        bg = self.background
+        bg, changes = self.background, self.changes
         if self.cfg.crop:  # a convolutional VAE learns from crops; aligned to the latent grid
             c, size = self.cfg.crop, x.shape[-1]
             i, j = (8 * torch.randint(0, (size - c) // 8 + 1, (2,), generator=gen, device=gen.device)).tolist()
-            x, bg = x[..., i : i + c, j : j + c], bg[..., i : i + c, j : j + c]
+            x, bg, changes = (v[..., i : i + c, j : j + c] for v in (x, bg, changes))
         # decoder-only decodes the posterior mean, as generation decodes the DiT's latents
         rec, post = model(x, sample_posterior=not self.cfg.decoder_only)
-        w = 1.0 + self.cfg.fg_weight * ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).float()  # (B, 1, H, W)
+        fg = (x - bg).abs().amax(dim=1, keepdim=True) > 0.1  # (B, 1, H, W)
+        if self.cfg.fg_mask == "colour":  # a score's digits are in the median frame too: mark them by colour
+            fg |= ((x - self.bg_colour).abs().amax(dim=1, keepdim=True) > 0.1) & changes
+        w = 1.0 + self.cfg.fg_weight * fg.float()
         err = rec.float() - x
         rec_loss = (w * (err.abs() + err.square())).mean() / w.mean()
         kl = post.kl().mean() / x[0].numel()
@@ -101,7 +112,9 @@ class VAETask:
     @torch.no_grad()
     def evaluate(self, model):
         m = vae_metrics(model, self.val, n=256)
-        return {"val_psnr": m["psnr"], "val_ball_kept": m["ball_kept"]}
+        return {"val_psnr": m["psnr"], "val_ball_kept": m["ball_kept"]} | {
+            f"val_{k}": m[k] for k in ("score_read_opponent", "score_read_player")
+        }
 
     def finalize_config(self, model):
         """The latent scaling factor: 1 / std of the posterior means over training frames."""
@@ -125,7 +138,8 @@ def vae_metrics(vae, ds, n=256):
     d_real, d_rec = utils.detect_objects(real), utils.detect_objects(rec)
     has = d_real["ball_present"]
     kept = float((d_rec["ball_present"][has]).mean()) if has.any() else float("nan")
-    return {"psnr": float(utils.psnr(real, rec).mean()), "ball_kept": kept, "n": len(real), "n_ball": int(has.sum())}
+    out = {"psnr": float(utils.psnr(real, rec).mean()), "ball_kept": kept, "n": len(real), "n_ball": int(has.sum())}
+    return out | score_read(real, rec)
 
 
 @torch.no_grad()

@@ -66,6 +66,12 @@ class TrainConfig:
     overfit: bool = arg(False, "debug aid: train on one fixed batch (same frames, noise and levels) every step")
     resume: bool = arg(False, "continue from OUT/ckpt.pt")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = arg(
+        "auto",
+        "auto | fp32 | bf16: bf16 autocast around the forward and the loss (weights, optimizer, EMA and "
+        "checkpoints stay fp32); auto: bf16 on CUDA and on a CPU with AVX-512 BF16 or AMX, else fp32",
+        choices=list(utils.PRECISIONS),
+    )
     compile: bool = arg(False, "torch.compile the training model (inductor; on a CPU it compiles C++, slow to start)")
     wandb: str = arg("auto", "auto | online | offline | disabled", choices=["auto", "online", "offline", "disabled"])
     wandb_project: str = arg("gamengen-mini", "wandb project")
@@ -79,6 +85,13 @@ class VAEConfig(TrainConfig):
     kl_weight: float = arg(1e-6, "KL weight (per-element, relative to the reconstruction)")
     crop: int = arg(0, "train on random crops of this size (a multiple of 8; 0 = whole frames)")
     fg_weight: float = arg(20.0, "extra loss weight on pixels that differ from the static background")
+    fg_mask: str = arg(
+        "median",
+        "the pixels --fg-weight weights: median (those that differ from the per-pixel median frame: what moves) "
+        "| colour (also those that differ from the background's colour: every digit of a score, drawn or not "
+        "in the median)",
+        choices=["median", "colour"],
+    )
     decoder_only: bool = arg(False, "with --init, train only the decoder: the latents (and a DiT on them) stay valid")
     decoder: str = arg("", "with --decoder-only, a new decoder of this uvit_vae.DECODER_CONFIGS size")
 
@@ -196,9 +209,7 @@ class Logger:
         if not self.master:
             return
         if msg is None:
-            msg = f"step {step:6d} " + " ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
-            )
+            msg = f"step {step:6d} " + " ".join(f"{k} {utils.fmt(v)}" for k, v in values.items())
         print(msg, flush=True)
         self.file.write(msg + "\n")
         self.file.flush()
@@ -273,18 +284,22 @@ def main(kind, cfg):
     if not cfg.resume and os.path.isfile(ckpt_path):
         utils.die(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
 
+    precision = utils.pick_precision(cfg.precision, device)
     task = KINDS[kind][1](cfg, device, master)
     model = task.model
     ema, opt, config, step, elapsed0 = start(kind, cfg, task, world, gen)
+    config["precision"] = precision
     if master:
         os.makedirs(cfg.out, exist_ok=True)
         utils.atomic_write_text(os.path.join(cfg.out, "config.json"), json.dumps(config, indent=1, default=str))
     logger = Logger(cfg, kind, master, config)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.log(step, {}, f"{kind}: {n_params / 1e6:.2f}M parameters on {device} x{world}, from step {step}")
+    logger.log(
+        step, {}, f"{kind}: {n_params / 1e6:.2f}M parameters on {device} x{world}, {precision}, from step {step}"
+    )
 
     train_model = wrap(task.model, cfg, device, world)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = utils.autocast(precision, device)
     peak = utils.peak_flops(device)
 
     t0 = time.time()

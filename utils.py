@@ -259,6 +259,54 @@ def pick_device(flag, local_rank=0):
         die(f"--device {flag!r}: expected auto, cpu, cuda or cuda:N")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def fast_bf16(device, cpuinfo="/proc/cpuinfo"):
+    """Does the device multiply bf16 matrices faster than fp32? CUDA with bf16 (Ampere on), or a CPU with
+    AVX-512 BF16 or AMX (oneDNN's bf16 kernels; elsewhere bf16 is emulated and slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open(cpuinfo) as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: no way to tell, so no
+        return False
+    return device.type == "cpu" and bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def pick_precision(flag, device, auto_cpu=True, cpuinfo="/proc/cpuinfo"):
+    """--precision auto | fp32 | bf16 -> "fp32" or "bf16" (bf16: autocast around the forward, fp32 weights).
+
+    auto is bf16 where the hardware does it fast (fast_bf16) and, on a CPU, only if auto_cpu (generation
+    keeps fp32 on a CPU unless measured otherwise). bf16 asked for where it is slow warns and gives fp32.
+    """
+    if flag not in PRECISIONS:
+        die(f"--precision {flag!r}: expected one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    fast = fast_bf16(device, cpuinfo)
+    if flag == "auto":
+        return "bf16" if fast and (device.type == "cuda" or auto_cpu) else "fp32"
+    if flag == "bf16" and not fast:
+        print(f"warning: --precision bf16: {device} has no fast bf16 (CUDA, or a CPU with AVX-512 BF16 or AMX); "
+              "running in fp32", file=sys.stderr)  # fmt: skip
+        return "fp32"
+    return flag
+
+
+def autocast(precision, device):
+    """The forward's context for a precision from pick_precision: bf16 autocast, or nothing for fp32."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def fmt(v):
+    """A logged figure, parseable by one float pattern at any magnitude: 11670.3 -> '11670', not '1.167e+04'."""
+    if isinstance(v, float) and math.isfinite(v) and abs(v) >= 1000:
+        return f"{v:.0f}"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 
 

@@ -169,7 +169,7 @@ class DiagonalGaussian:
     """Posterior N(mean, exp(logvar)) from (B, 2*z, h, w) moments; logvar clamped to [-30, 20]."""
 
     def __init__(self, moments):
-        self.mean, logvar = moments.chunk(2, dim=1)
+        self.mean, logvar = moments.float().chunk(2, dim=1)  # fp32 under bf16 autocast too: the KL, the latents
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
         self.var = self.std.square()

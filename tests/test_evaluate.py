@@ -135,6 +135,7 @@ def test_perfect_model_scores_perfectly(heldout, prompt):
         s = m[key]
         assert s["n_real"] > 0 and s["n_real"] == s["n_generated"] == s["n_matched"], (key, s)
     assert m["ball_hit_rate"] == m["ball_hit_rate_first16"] == 1.0
+    assert m["score_held"] and all(v == 1.0 for v in m["score_held"].values()), m["score_held"]
 
 
 def test_ball_hit_rate_counts_balls_within_4_px(heldout):

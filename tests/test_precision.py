@@ -92,8 +92,8 @@ def test_engine_in_bf16_runs_both_networks_in_bf16_and_draws_what_fp32_draws():
         eng = engine.load_world_model(cfg, "cpu")
         if precision == "bf16" and eng.precision == "fp32":
             pytest.skip("this CPU has no fast bf16: load_world_model fell back to fp32")
-        hooks = [m.register_forward_hook(lambda m, i, o: seen.append((precision, o.dtype))) for m in
-                 (eng.dit.blocks[0].s_attn.qkv, eng.vae.decoder.conv_in)]  # fmt: skip
+        record = lambda m, i, o, p=precision: seen.append((p, o.dtype))
+        hooks = [m.register_forward_hook(record) for m in (eng.dit.blocks[0].s_attn.qkv, eng.vae.decoder.conv_in)]
         eng.reset(prompt[None])
         out = [eng.step_pipelined(actions[k : k + 1]) for k in range(len(actions))][1:] + [eng.flush()]
         frames[precision] = torch.cat(out).numpy()

@@ -12,6 +12,9 @@ The real emulator (left) beside the model (right), both fed your keys, the model
     python play.py --compare
 No display (CPU smoke run; prints frames/s):
     python play.py --headless --frames 100 --policy random
+In a web browser (a headless server too: it prints the URL; from afar, ssh -L 8000:localhost:8000 host):
+    python play.py --serve
+    python play.py --serve --port 8001 --record runs/web.mp4     # the server and page: play_web.py
 
 Controls: Up = RIGHT (paddle up), Down = LEFT (paddle down), Space = FIRE (with Up/Down:
 RIGHTFIRE / LEFTFIRE), no key = NOOP. R restarts from the prompt, P pauses, Esc quits.
@@ -21,6 +24,7 @@ Actions follow the recorder's convention: actions[k] is the key state after fram
 and leads to frame k+1. A key tapped between two frames still counts for the next one.
 """
 
+import dataclasses
 import os
 import sys
 import threading
@@ -46,7 +50,9 @@ class PlayConfig(ModelConfig):
     )
     seed: int = arg(0, "random seed (the model's noise, --policy random, the emulator)")
     fps: int = arg(
-        15, "target frame rate: the game runs as fast as the model allows, up to this (0 or --headless: no cap)"
+        -1,
+        "target frame rate: the game runs as fast as the model allows, up to this; -1: 15 (Pong's own pace) "
+        "in a window, 30 with --serve; 0 or --headless: no cap",
     )
     scale: int = arg(6, "window (and recorded video) upscaling of the model's frames")
     record: str = arg("", "save each game as OUT.mp4 (.gif, .npz) + OUT.actions.pt + OUT.npz + OUT.prompt.png")
@@ -56,6 +62,14 @@ class PlayConfig(ModelConfig):
     policy: str = arg("auto", f"who plays: {POLICIES}; auto = keys in a window, random when --headless")
     screenshot: str = arg("", "save the window as this PNG when the game stops (after --frames, or on Esc)")
     threads: int = arg(0, THREADS_HELP)
+    serve: bool = arg(False, "play in a web browser: serve the game's page at --host:--port instead of a window")
+    host: str = arg("127.0.0.1", "--serve: the address to listen on (0.0.0.0: every interface, with a warning)")
+    port: int = arg(8000, "--serve: the port (0: any free one; the URL is printed)")
+    frame_format: str = arg(
+        "png",
+        "--serve: frames as PNG (~6 KiB) or raw RGB (27 KiB), as fast here (docs/browser.md)",
+        choices=["png", "raw"],
+    )
 
 
 def keys_to_action(up, down, fire):
@@ -119,8 +133,8 @@ class Game:
         self.real_ahead = deque()  # emulator frames whose model frame is still decoding
 
     def step(self, action):
-        # The model's frame arrives one step late: its decode overlaps the DiT's work on the next one.
-        self.add(self.engine.step_pipelined(torch.tensor([action], device=self.engine.device)))
+        """-> whether a model frame was added: it arrives one step late, its decode overlapping the next DiT step."""
+        added = self.add(self.engine.step_pipelined(torch.tensor([action], device=self.engine.device)))
         self.actions.append(action)
         if self.env is not None:
             obs, _, terminated, truncated, _ = self.env.step(action)
@@ -130,6 +144,7 @@ class Game:
             del self.frames[:-1]
             if self.real is not None:
                 del self.real[:-1]
+        return added
 
     def add(self, frame):
         """A decoded model frame (1, H, W, 3), with the emulator frame of the same step."""
@@ -137,10 +152,11 @@ class Game:
             self.frames.append(frame[0].cpu().numpy())
             if self.real is not None:
                 self.real.append(self.real_ahead.popleft())
+        return frame is not None
 
     def finish(self):
-        """Wait for the frame still decoding, so the game is complete (before it is saved)."""
-        self.add(self.engine.flush())
+        """Wait for the frame still decoding, so the game is complete (before it is saved) -> whether there was one."""
+        return self.add(self.engine.flush())
 
     def panels(self):
         """The latest frames to show, left to right: (emulator,) model."""
@@ -188,6 +204,13 @@ def save_game(game, cfg):
     writer = threading.Thread(target=encode)
     writer.start()
     return writer
+
+
+def new_game(game, cfg, writers):
+    """R, a game over or (served) a new player: save the game so far when recording, then start from the prompt."""
+    if cfg.record:
+        writers.append(save_game(game, cfg))
+    game.restart()
 
 
 class Screen:
@@ -279,8 +302,14 @@ def main(cfg):
     device = utils.pick_device(cfg.device)
     if cfg.headless and cfg.frames < 1:
         utils.die(f"--headless needs --frames N (N >= 1), found {cfg.frames}")
-    if cfg.frames < 0 or cfg.fps < 0 or cfg.scale < 1 or cfg.steps < 1:
-        utils.die("--frames and --fps must be >= 0, --scale and --steps >= 1")
+    if cfg.frames < 0 or cfg.fps < -1 or cfg.scale < 1 or cfg.steps < 1:
+        utils.die("--frames must be >= 0, --fps >= -1, --scale and --steps >= 1")
+    if cfg.serve and (cfg.headless or cfg.compare or cfg.screenshot or cfg.policy not in ("auto", "keys")):
+        utils.die("--serve is played with the browser's keys: drop --headless, --compare, --screenshot and --policy")
+    if cfg.serve and not 0 <= cfg.port <= 65535:
+        utils.die(f"--port {cfg.port}: expected 0..65535 (0: any free port)")
+    if cfg.fps == -1:  # the default: Pong's own pace in a window, a 30 Hz tick in the browser
+        cfg = dataclasses.replace(cfg, fps=30 if cfg.serve else 15)
     if cfg.record and os.path.splitext(cfg.record)[1].lower() not in (".mp4", ".gif", ".npz"):
         utils.die(f"--record {cfg.record}: use a .mp4, .gif or .npz file name")
     if cfg.screenshot and not cfg.screenshot.lower().endswith(".png"):
@@ -297,6 +326,10 @@ def main(cfg):
     prompt = None if cfg.compare else read_prompt(cfg.prompt, size)[-1:]  # (1, H, W, 3)
     env = make_env() if cfg.compare else None
     game = Game(engine, prompt, env, cfg.seed, keep=bool(cfg.record))
+    if cfg.serve:  # the browser is the screen
+        import play_web
+
+        return play_web.serve(cfg, game, stop)
     screen = Screen(
         2 if cfg.compare else 1, size, cfg.scale, cfg.headless, ("emulator", "model") if cfg.compare else ()
     )
@@ -317,9 +350,7 @@ def main(cfg):
                 paused = not paused
                 recent.clear()
             if "restart" in commands or game.over:
-                if cfg.record:
-                    writers.append(save_game(game, cfg))
-                game.restart()
+                new_game(game, cfg, writers)
                 recent.clear()
             if paused:
                 screen.draw(game.panels(), "PAUSED (P to resume)")

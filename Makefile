@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_OK := .venv/.installed
 
-.PHONY: demo test lint format bench bench-gpu gpu-check gpu-run gpu-pack data train-cpu train-gpu clean
+.PHONY: demo test lint format bench bench-browser bench-gpu gpu-check gpu-run gpu-pack data train-cpu train-gpu clean
 
 # The shipped model's data. A scripted ball-tracking agent with 10% and 25% held random
 # actions gives rallies and points on both sides; a DQN trained for minutes on a CPU (close
@@ -39,6 +39,10 @@ format: $(VENV_OK)
 bench: $(VENV_OK)
 	$(PY) bench.py
 
+# play.py --serve in headless Chromium: frames/s and key-to-frame latency, PNG against raw frames (docs/browser.md).
+bench-browser: $(VENV_OK)
+	$(PY) play_web.py
+
 # Recording needs gymnasium + ale-py (and SB3 for the DQN); it resumes, so re-running is cheap.
 data: $(VENV_OK)
 	$(RECORD) --agent tracker --epsilon 0.25 --episodes 24 --seed 0 --out data/pong_tracker_e25
@@ -51,7 +55,8 @@ data: $(VENV_OK)
 # the VAE (38 min), the DiT (100 min, 8 episodes of each set), its fine-tune with the random agent's
 # episodes added (70 min), a lighter decoder (50 min) for the frozen encoder, then 35 more minutes of
 # the DiT on the bundled VAE's latents (seed 1: the better of two such runs on the held-out set), then
-# 60 minutes with a clean context and the sampler's noise levels (issue #21; docs/experiments.md).
+# 60 minutes with a clean context and the sampler's noise levels (issue #21), then 45 minutes of the decoder
+# with the score's digits in its loss (issue #26; docs/experiments.md). The last two ran in bf16.
 VAE_DATA := data/pong_tracker_e25,data/pong_tracker_e10
 RESUME = $$(test -f $(1)/ckpt.pt && echo --resume)
 # Each run in bf16 on a CPU with AVX-512 BF16 or AMX (about 1.8x the steps a minute; issue #25, docs/speed.md);
@@ -75,6 +80,12 @@ train-cpu: $(VENV_OK)
 		--out runs/dit_clean --max-episodes 8 --lr 2e-4 --warmup 50 --max-minutes 60 --seed 2 --sample-every 0 \
 		--clean-context 1 --sampler-levels 0.5 $(call RESUME,runs/dit_clean)
 	$(PY) bundle.py --dit runs/dit_clean --vae checkpoints/pong_vae.pt --out checkpoints
+	$(CPU_RUN) vae --precision $(PRECISION) --preset cpu --data $(VAE_DATA) --init checkpoints/pong_vae.pt --decoder-only \
+		--fg-weight 100 --fg-mask colour --max-minutes 25 --out runs/vae_digits $(call RESUME,runs/vae_digits)
+	$(CPU_RUN) vae --precision $(PRECISION) --preset cpu --data $(VAE_DATA) --init runs/vae_digits --decoder-only \
+		--fg-weight 100 --fg-mask colour --lr 1e-4 --warmup 50 --max-minutes 20 --out runs/vae_digits2 \
+		$(call RESUME,runs/vae_digits2)
+	$(PY) bundle.py --dit checkpoints/pong_dit.pt --vae runs/vae_digits2/ckpt.pt --out checkpoints
 
 # The same recipe with the gpu presets, on one GPU, from recorded data (make data first, on any machine):
 # about 7 minutes of training. Each stage resumes from its checkpoint if present. PY=python3 without .venv.

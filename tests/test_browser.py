@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("websockets")
-import test_play  # noqa: E402
 import test_serve  # noqa: E402
 
 import utils  # noqa: E402
@@ -22,7 +21,7 @@ from chromium import Chromium, find_chromium  # noqa: E402
 
 BINARY = find_chromium()
 pytestmark = pytest.mark.skipif(BINARY is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
-tiny, serve = test_play.tiny, test_serve.serve  # the fixtures: a tiny random model, and its servers
+serve = test_serve.serve  # the fixture: a server of the tiny random model (conftest.tiny)
 TIMEOUT = test_serve.TIMEOUT
 
 

@@ -26,36 +26,6 @@ def run(*args, check=True, timeout=120):
     return r
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny DiT + VAE in train.py's checkpoint format, with random (not zero-initialised) output layers so
-    the frames depend on the actions and the noise, and a 32x32 prompt PNG."""
-    import cv2
-
-    from dit import DiT_models
-    from uvit_vae import build_vae
-
-    d = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    dit = DiT_models["tiny"](input_h=4, input_w=4, window=4)
-    vae = build_vae("pong", ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=4)
-    with torch.no_grad():  # adaLN-Zero makes a fresh DiT output 0 whatever the input; randomise it
-        for p in dit.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    for m, name in ((dit, "dit"), (vae, "vae")):
-        sd = m.state_dict()
-        config = {"kind": name, "model": m.config}
-        if name == "dit":
-            config.update(latent_scale=1.0, vae_path="vae.pt")
-        else:
-            config.update(scaling_factor=1.0)
-        ck = {"model": sd, "ema": sd, "optimizer": {}, "step": 0, "version": utils.CKPT_VERSION, "config": config}
-        torch.save(ck, d / f"{name}.pt")
-    prompt = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    cv2.imwrite(str(d / "prompt.png"), prompt)
-    return d
-
-
 def play(tiny, *args, **kw):
     return run("play.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(tiny / "prompt.png"), *args, **kw)
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 pytest.importorskip("websockets")
-import test_play  # noqa: E402
 from test_play import ENV, ROOT, replay, run  # noqa: E402
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
@@ -26,7 +25,6 @@ from engine import read_prompt  # noqa: E402
 
 TIMEOUT = 120  # for any one event; a busy CI machine only waits longer
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy: the server is on this machine
-tiny = test_play.tiny  # the fixture: a tiny random DiT + VAE (32x32 frames) and a prompt
 
 
 def start(read_until, tiny, *args):

@@ -100,14 +100,18 @@ class VAETask:
             x, bg, changes = (v[..., i : i + c, j : j + c] for v in (x, bg, changes))
         # decoder-only decodes the posterior mean, as generation decodes the DiT's latents
         rec, post = model(x, sample_posterior=not self.cfg.decoder_only)
-        fg = (x - bg).abs().amax(dim=1, keepdim=True) > 0.1  # (B, 1, H, W)
-        if self.cfg.fg_mask == "colour":  # a score's digits are in the median frame too: mark them by colour
-            fg |= ((x - self.bg_colour).abs().amax(dim=1, keepdim=True) > 0.1) & changes
-        w = 1.0 + self.cfg.fg_weight * fg.float()
+        w = 1.0 + self.cfg.fg_weight * self.foreground(x, bg, changes).float()
         err = rec.float() - x
         rec_loss = (w * (err.abs() + err.square())).mean() / w.mean()
         kl = post.kl().mean() / x[0].numel()
         return rec_loss + self.cfg.kl_weight * kl, {"rec": rec_loss.detach(), "kl": kl.detach()}
+
+    def foreground(self, x, bg, changes):
+        """(B, 1, H, W) bool: the pixels --fg-weight weights in frames x (B, 3, H, W), see --fg-mask."""
+        fg = (x - bg).abs().amax(dim=1, keepdim=True) > 0.1
+        if self.cfg.fg_mask == "colour":  # a score's digits are in the median frame too: mark them by colour
+            fg |= ((x - self.bg_colour).abs().amax(dim=1, keepdim=True) > 0.1) & changes
+        return fg
 
     @torch.no_grad()
     def evaluate(self, model):

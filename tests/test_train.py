@@ -529,3 +529,32 @@ def test_bundle_then_finetune_then_rebundle_in_place(pipeline, tmp_path):
     run("bundle.py", "--dit", str(tmp_path / "ft"), "--vae", vae, "--out", out)
     assert open(vae, "rb").read() == before
     assert torch.load(dit, map_location="cpu", weights_only=True)["step"] == 2
+
+
+def test_fg_mask_colour_marks_the_score_digits_and_not_the_walls(tmp_path):
+    """--fg-mask colour (issue #26): every digit pixel of the score strip counts as foreground, even where the
+    median frame holds the same digit; the walls (drawn in every frame) do not; the median mask is kept.
+    One 600-frame episode: the reset screen (other colours) must stay under 2% of the frames, as in real data."""
+    import dataclasses
+
+    import pong
+    from tasks import VAETask
+    from train import VAEConfig
+
+    data = str(tmp_path / "data")
+    run("generate_dataset.py", "--agent", "random", "--episodes", "1", "--max-episode-frames", "600",
+        "--frame-size", "32", "--seed", "3", "--workers", "1", "--out", data)  # fmt: skip
+    cfg = VAEConfig(data=data, model="tiny", val_fraction=0.0, fg_mask="colour")
+    task = VAETask(cfg, torch.device("cpu"), True)
+    median = VAETask(dataclasses.replace(cfg, fg_mask="median"), torch.device("cpu"), True)
+    x = task.train.sample(64, torch.Generator().manual_seed(0))["frames"][:, 0]  # (B, 3, 32, 32)
+    fg = task.foreground(x, task.background, task.changes)[:, 0]
+    fg_median = median.foreground(x, median.background, median.changes)[:, 0]
+    rows = pong.strip_rows(32)
+    drawn = (x - torch.tensor(utils.COLOR_BACKGROUND).view(3, 1, 1) / 127.5 + 1).abs().amax(1) > 0.1
+    digits = drawn[:, :rows] & task.changes[0, :rows]
+    assert digits.sum() > 0 and fg[:, :rows][digits].all()  # every drawn digit pixel
+    assert fg[:, :rows].sum() > fg_median[:, :rows].sum()  # more than the median mask marks there
+    assert (fg_median <= fg).all()  # the median mask's pixels stay marked
+    wall = drawn.all(0) & ~task.changes[0]  # drawn in every frame and never changing: the walls
+    assert wall.sum() > 0 and not (fg & ~fg_median)[:, wall].any()  # the colour rule adds no wall pixel

@@ -59,7 +59,7 @@ data: $(VENV_OK)
 # with the score's digits in its loss (issue #26; docs/experiments.md). The last two ran in bf16.
 VAE_DATA := data/pong_tracker_e25,data/pong_tracker_e10
 RESUME = $$(test -f $(1)/ckpt.pt && echo --resume)
-# Each run in bf16 on a CPU with AVX-512 BF16 or AMX (about 1.8x the steps a minute; issue #25, docs/speed.md);
+# Each run in bf16 on a CPU with AVX-512 BF16 or AMX (1.23-1.40x the steps a minute here; issue #25, docs/speed.md);
 # the shipped model's stages ran in fp32: `make train-cpu PRECISION=fp32` replays them so.
 PRECISION := auto
 CPU_RUN := OMP_NUM_THREADS=1 $(PY) train.py

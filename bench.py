@@ -23,9 +23,10 @@ until autograd's saved activations fit the free memory); --compile adds a torch.
     python bench.py --what train --device cuda --precision bf16 --window 6 --train-models XS,XS1 \
         --train-batch 64,auto --compile
 --what precision: fp32 against bf16 autocast, side by side at each of --precision-threads: training samples/s of
-the shipped shapes (DiT --train-models at --train-batch x --window, the VAE's decoder fine-tune at --vae-batch) and
+the shipped shapes (DiT --train-models at --train-batch x --window, each --train-vaes at --vae-batch) and
 generation frames/s at batch 1 (chunk+pipeline, as play.py runs), with the ratio.
-    python bench.py --what precision --window 6 --train-models XS --train-batch 16 --vae-batch 8 --gen-frames 40
+    python bench.py --what precision --window 6 --train-models XS --train-vaes pong_cpu --train-batch 16 \
+        --vae-batch 8 --gen-frames 40
 """
 
 import dataclasses
@@ -401,8 +402,8 @@ def bench_train(cfg):
 
 def bench_precision(cfg):
     """fp32 against bf16 at each thread count, one run: training samples/s and generation frames/s, with ratios."""
-    rows = {}
-    for threads in [int(n) for n in cfg.precision_threads.split(",")]:
+    rows, counts = {}, [int(n) for n in cfg.precision_threads.split(",")]
+    for threads in counts:
         torch.set_num_threads(threads)
         for precision in ("fp32", "bf16"):
             c = dataclasses.replace(cfg, precision=precision, gen_batches="1")
@@ -410,16 +411,12 @@ def bench_precision(cfg):
             train = {label: r["samples_s"] for (label, _, mode), r in bench_train(c).items() if mode == "eager"}
             gen = bench_generate(c, only=("chunk+pipeline",))
             rows[threads, precision] = train | {"generate (frames/s)": gen[1, "chunk+pipeline"]}
-    print(
-        f"\n{'':24}"
-        + "".join(f"{f'{t} thr fp32':>12}{f'{t} thr bf16':>12}{'ratio':>7}" for t, _ in rows if _ == "fp32")
-    )
-    for name in rows[next(iter(rows))]:
+    print(f"\n{'':24}" + "".join(f"{f'{t} thr fp32':>12}{f'{t} thr bf16':>12}{'ratio':>7}" for t in counts))
+    for name in rows[counts[0], "fp32"]:
         line = f"{name + ('' if '/s' in name else ' (samples/s)'):24}"
-        for t, p in rows:
-            if p == "fp32":
-                a, b = rows[t, "fp32"][name], rows[t, "bf16"][name]
-                line += f"{a:12.1f}{b:12.1f}{b / a:6.2f}x"
+        for t in counts:
+            a, b = rows[t, "fp32"][name], rows[t, "bf16"][name]
+            line += f"{a:12.1f}{b:12.1f}{b / a:6.2f}x"
         print(line)
     return rows
 

@@ -60,8 +60,8 @@ class ModelConfig:
 
 
 # Whether --precision auto generates in bf16 on a CPU that does it fast (AVX-512 BF16 or AMX). Issue #25's A/B:
-# bf16 keeps the held-out table, but autocast at batch 1 is slower on this CPU (weights cast at every call;
-# docs/speed.md), so no. On CUDA, auto stays fp32 too: bf16 generation is untested there.
+# bf16 keeps the held-out table, but at batch 1 it is no faster on this CPU (docs/speed.md), so no. On CUDA,
+# auto stays fp32 too: bf16 generation is untested there.
 AUTO_CPU_BF16 = False
 THREADS_HELP = "CPU threads for each of the two stages (DiT, VAE decode); 0: half the cores each"
 

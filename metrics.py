@@ -206,13 +206,11 @@ def report_vae(m):
     """The run's header and the VAE's line (all evaluate.py --vae-only prints)."""
     f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
     vae, ck, data = m["vae"], m["checkpoint"], m["data"]
-    head = f"{ck['path']} (step {ck['step']}) on {m['device']}, {m.get('precision', 'fp32')}: {data['episodes']} "
-    return (
-        head
-        + f"""episodes, {data["frames"]} frames
-VAE recon.    PSNR {f(vae["psnr"])} dB  SSIM {f(vae["ssim"], 3)}  ball kept {f(vae["ball_presence"], 3)}  score read \
-{f(vae.get("score_read_opponent"), 3)} / {f(vae.get("score_read_player"), 3)} (opponent / player; {vae["n"]} frames)"""
-    )
+    head = f"{ck['path']} (step {ck['step']}) on {m['device']}, {m['precision']}: "
+    head += f"{data['episodes']} episodes, {data['frames']} frames"
+    line = f"VAE recon.    PSNR {f(vae['psnr'])} dB  SSIM {f(vae['ssim'], 3)}  ball kept {f(vae['ball_presence'], 3)}"
+    line += f"  score read {f(vae['score_read_opponent'], 3)} / {f(vae['score_read_player'], 3)}"
+    return f"{head}\n{line} (opponent / player; {vae['n']} frames)"
 
 
 def report(m, horizons):

@@ -218,6 +218,16 @@ def test_end_to_end_quick(heldout):
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_vae_only_measures_the_decoder_and_nothing_else(heldout, tmp_path):
+    """--vae-only (to compare decoders): the VAE's block and the run's header, no rollout, no plot."""
+    p = run("evaluate.py", "--ckpt", heldout["dit"], "--data", heldout["data"], "--out", str(tmp_path / "v"),
+            "--quick", "--vae-only")  # fmt: skip
+    m = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    assert "teacher_forced" not in m and "autoregressive" not in m and not (tmp_path / "v" / "metrics.png").exists()
+    assert {"score_read_opponent", "score_read_player", "psnr", "ball_presence"} <= set(m["vae"])
+    assert m["precision"] == "fp32" and m["counts"] == {"vae_frames": 16} and "score read" in p.stdout
+
+
 def test_wrong_kind_checkpoint_is_one_line(heldout, tmp_path):
     p = run("evaluate.py", "--ckpt", heldout["vae"], "--data", heldout["data"], "--out", str(tmp_path), check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr

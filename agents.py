@@ -1,13 +1,14 @@
-"""Who plays the player's (right, green) paddle while generate_dataset.py records Pong.
+"""Who plays while generate_dataset.py records a game (in Pong, the right, green paddle).
 
 Every agent has reset(rng), called at each episode start, and act(raw RGB frame) -> action index.
-random: uniform actions. tracker: scripted; moves the paddle toward the ball's height found by
-utils.detect_objects on the raw frame, NOOP within a 4 px dead zone. It returns the ball often: this
-is the agent that gives the world model rallies and points won by the player. dqn / ppo:
-stable-baselines3 CnnPolicy on the standard Atari preprocessing (AtariWrapper with frame_skip=1 over
-the recorder's env, which already skips --frameskip frames: 84x84 grey, 4 stacked frames), trained
-by train_agent and saved to --agent-path, which later runs reuse. When recording, the agent sees a
-replica of that preprocessing of the raw RGB frames; the raw frames are recorded.
+random: uniform actions over the game's action set. tracker (Pong only, pong.TrackerAgent): scripted;
+moves the paddle toward the ball's height found by pong.detect_objects on the raw frame, NOOP within a
+4 px dead zone. It returns the ball often: this is the agent that gives the world model rallies and
+points won by the player. dqn / ppo: stable-baselines3 CnnPolicy on the standard Atari preprocessing
+(AtariWrapper with frame_skip=1 over the recorder's env, which already skips --frameskip frames: 84x84
+grey, 4 stacked frames), trained by train_agent on the game (without --max-pool's pooling) and saved to
+--agent-path, which later runs reuse. When recording, the agent sees a replica of that preprocessing
+of the frames it records.
 A DQN trained for minutes on a CPU plays close to random: rl-baselines3-zoo trains Pong DQN for 1e7
 steps, and it scores above zero after roughly 1-2M steps: 3-6 h at 100 steps/s, 7-14 h at the
 ~40 steps/s measured on the (shared) 2-core dev machine, where the default 20000 steps take ~9 min.
@@ -20,31 +21,21 @@ import time
 
 import numpy as np
 
-from utils import DOWN, NUM_ACTIONS, UP, detect_objects, die
+import games
+from utils import die
 
 
 class RandomAgent:
     """Uniform random actions from the episode's generator."""
 
+    def __init__(self, n_actions):
+        self.n_actions = n_actions
+
     def reset(self, rng):
         self.rng = rng
 
     def act(self, obs):
-        return int(self.rng.integers(NUM_ACTIONS))
-
-
-class TrackerAgent:
-    """Moves the player's paddle toward the ball's y; NOOP within DEAD_ZONE px or with no ball."""
-
-    DEAD_ZONE = 4.0
-
-    def reset(self, rng):
-        pass
-
-    def act(self, obs):
-        d = detect_objects(obs)
-        diff = d["ball_xy"][1] - d["player_y"]  # NaN when either is absent
-        return 0 if not abs(diff) > self.DEAD_ZONE else (UP if diff < 0 else DOWN)
+        return int(self.rng.integers(self.n_actions))
 
 
 class SB3Agent:
@@ -69,11 +60,19 @@ class SB3Agent:
         return int(self.model.predict(self.stack, deterministic=True)[0])
 
 
-def make_agent(cfg):
-    """The agent named by cfg.agent; dqn / ppo load cfg.agent_path (train_agent makes it)."""
+def agent_path(cfg):
+    return cfg.agent_path.format(agent=cfg.agent, game=cfg.game)
+
+
+def make_agent(cfg, action_names):
+    """The agent named by cfg.agent for a game with these actions; dqn / ppo load agent_path(cfg) (train_agent)."""
     if cfg.agent in ("dqn", "ppo"):
-        return SB3Agent(cfg.agent, cfg.agent_path.format(agent=cfg.agent))
-    return {"random": RandomAgent, "tracker": TrackerAgent}[cfg.agent]()
+        return SB3Agent(cfg.agent, agent_path(cfg))
+    if cfg.agent == "tracker":
+        import pong
+
+        return pong.TrackerAgent()
+    return RandomAgent(len(action_names))
 
 
 def train_agent(cfg, path):
@@ -88,7 +87,9 @@ def train_agent(cfg, path):
 
     env_kwargs = {"frameskip": cfg.frameskip, "repeat_action_probability": cfg.sticky}
     n_envs = 1 if cfg.agent == "dqn" else 4
-    venv = make_atari_env(cfg.env_id, n_envs, cfg.seed, wrapper_kwargs={"frame_skip": 1}, env_kwargs=env_kwargs)
+    venv = make_atari_env(
+        games.resolve(cfg.game)[1], n_envs, cfg.seed, wrapper_kwargs={"frame_skip": 1}, env_kwargs=env_kwargs
+    )
     venv = VecFrameStack(venv, 4)
     if cfg.agent == "dqn":  # rl-baselines3-zoo's Atari settings, but a 10k replay buffer (~300 MB)
         algo = DQN
@@ -100,7 +101,7 @@ def train_agent(cfg, path):
         algo = PPO
         kw = dict(n_steps=128, batch_size=256, n_epochs=4, learning_rate=2.5e-4, clip_range=0.1, ent_coef=0.01)
     model = algo("CnnPolicy", venv, seed=cfg.seed, device="cpu", **kw)
-    print(f"training {cfg.agent} for {cfg.train_steps} steps (a strong Pong agent needs ~1e6-1e7)")
+    print(f"training {cfg.agent} on {cfg.game} for {cfg.train_steps} steps (a strong Pong agent needs ~1e6-1e7)")
     t0 = time.time()
     model.learn(cfg.train_steps)
     dt = time.time() - t0
@@ -122,12 +123,12 @@ def ensure_agent(cfg):
     """dqn / ppo: train the agent into --agent-path once, reuse it afterwards; a bad file is a one-line error."""
     if cfg.agent not in ("dqn", "ppo"):
         return
-    path = cfg.agent_path.format(agent=cfg.agent)
+    path = agent_path(cfg)
     if os.path.exists(path):
         print(f"reusing trained {cfg.agent} agent {path} (delete it to retrain)")
     else:
         train_agent(cfg, path)
     try:
-        make_agent(cfg)
+        make_agent(cfg, [])
     except Exception as e:  # noqa: BLE001 - a wrong or damaged agent file
         die(f"cannot load {cfg.agent} agent {path}: {type(e).__name__}: {str(e)[:200]}")

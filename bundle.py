@@ -2,15 +2,16 @@
 
     python bundle.py --dit runs/dit --out checkpoints
 
-With --samples-from EPISODE.npz (a recorded episode) it also writes sample_data/:
-prompt.png (frame --samples-start), actions_rally.pt (the recorded actions from there),
-actions_up.pt / actions_down.pt (RIGHT / LEFT held) and heldout_episode.npz (a copy).
+With --samples-from EPISODE.npz (a recorded episode) it also writes the sample files: for Pong
+sample_data/: prompt.png (frame --samples-start), actions_rally.pt (the recorded actions from there),
+actions_up.pt / actions_down.pt (RIGHT / LEFT held) and heldout_episode.npz (a copy); for another
+game sample_data/GAME/: prompt.png, actions.pt (recorded) and heldout_episode.npz.
 
-Writes OUT/pong_dit.pt and OUT/pong_vae.pt (EMA weights in fp16, no optimizer
-state). The DiT file records the VAE by its file name, so generate.py finds it
-beside it. Both load with torch.load(weights_only=True). A VAE that is already a
-bundle (--vae checkpoints/pong_vae.pt) is copied byte for byte, so a DiT fine-tuned
-on its latents goes beside the shipped VAE file as it is.
+Writes OUT/GAME_dit.pt and OUT/GAME_vae.pt, GAME the game the DiT was trained on (pong_dit.pt ...),
+EMA weights in fp16, no optimizer state. The DiT file records the VAE by its file name, so
+generate.py finds it beside it. Both load with torch.load(weights_only=True). A VAE that is already
+a bundle (--vae checkpoints/pong_vae.pt) is copied byte for byte, so a DiT fine-tuned on its latents
+goes beside the shipped VAE file as it is.
 """
 
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+import games
 import utils
 from utils import arg
 
@@ -46,20 +48,23 @@ def is_bundle(path):
     return set(ck) == {"ema", "step", "config", "version"} and all(v.dtype == torch.float16 for v in weights)
 
 
-def write_samples(cfg, out_dir="sample_data"):
+def write_samples(cfg, game):
     import cv2
 
     import dataset
 
     ep = dataset.load_episode(cfg.samples_from)
     k, n = cfg.samples_start, cfg.samples_len
+    out_dir = "sample_data" if game == "pong" else os.path.join("sample_data", game)
     os.makedirs(out_dir, exist_ok=True)
     cv2.imwrite(os.path.join(out_dir, "prompt.png"), cv2.cvtColor(ep["frames"][k], cv2.COLOR_RGB2BGR))
-    files = {
-        "actions_rally.pt": torch.from_numpy(ep["actions"][k : k + n].copy()),
-        "actions_up.pt": torch.full((n,), utils.ACTION_NAMES.index("RIGHT")),
-        "actions_down.pt": torch.full((n,), utils.ACTION_NAMES.index("LEFT")),
-    }
+    recorded = torch.from_numpy(ep["actions"][k : k + n].copy())
+    files = {"actions.pt": recorded}
+    if game == "pong":
+        import pong
+
+        files = {"actions_rally.pt": recorded}
+        files |= {f"actions_{d}.pt": torch.full((n,), a) for d, a in (("up", pong.UP), ("down", pong.DOWN))}
     for name, a in files.items():
         utils.atomic_torch_save(a, os.path.join(out_dir, name))
     shutil.copyfile(cfg.samples_from, os.path.join(out_dir, "heldout_episode.npz"))
@@ -67,17 +72,16 @@ def write_samples(cfg, out_dir="sample_data"):
 
 
 def main(cfg):
-    if cfg.samples_from:
-        write_samples(cfg)
-        if not os.path.exists(cfg.dit):
-            return
     from engine import find_vae
 
     dit_path = utils.resolve_ckpt_path(cfg.dit)
     dit = utils.load_checkpoint(dit_path, kind="dit")
+    game = games.from_config(dit["config"])[0]
+    if cfg.samples_from:
+        write_samples(cfg, game)
     vae_path = find_vae(dit_path, dit["config"], cfg.vae)
     vae = utils.load_checkpoint(vae_path, kind="vae")
-    out_vae, out_dit = os.path.join(cfg.out, "pong_vae.pt"), os.path.join(cfg.out, "pong_dit.pt")
+    out_vae, out_dit = (os.path.join(cfg.out, f"{game}_{kind}.pt") for kind in ("vae", "dit"))
     if is_bundle(vae_path):  # byte for byte: its fingerprint, latent cache and the DiTs trained on it stay valid
         if os.path.abspath(vae_path) != os.path.abspath(out_vae):
             utils._atomic(out_vae, lambda tmp: shutil.copyfile(vae_path, tmp))
@@ -85,7 +89,7 @@ def main(cfg):
         utils.atomic_torch_save(slim(vae), out_vae)  # re-bundling in place writes the same bytes (same latent cache)
     small = slim(dit)
     # the bundled pair: the DiT fine-tunes (train.py dit --init) on the bundled VAE's latents
-    small["config"] = {**small["config"], "vae_path": "pong_vae.pt", "vae_fingerprint": utils.file_fingerprint(out_vae)}
+    small["config"] |= {"vae_path": os.path.basename(out_vae), "vae_fingerprint": utils.file_fingerprint(out_vae)}
     utils.atomic_torch_save(small, out_dit)
     for p in (out_vae, out_dit):
         print(f"wrote {p}: {os.path.getsize(p) / 1e6:.2f} MB")

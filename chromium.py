@@ -29,8 +29,8 @@ CHROMIUM_FLAGS = [
     "--disable-background-timer-throttling", "--disable-renderer-backgrounding", "--window-size=640,800",
     "--remote-debugging-port=0",
 ]  # fmt: skip
-KEY_CODES = {"ArrowUp": ("ArrowUp", 38), "ArrowDown": ("ArrowDown", 40), "Space": (" ", 32), "KeyR": ("r", 82),
-             "KeyP": ("p", 80)}  # fmt: skip
+KEY_CODES = {"ArrowUp": ("ArrowUp", 38), "ArrowDown": ("ArrowDown", 40), "ArrowLeft": ("ArrowLeft", 37),
+             "ArrowRight": ("ArrowRight", 39), "Space": (" ", 32), "KeyR": ("r", 82), "KeyP": ("p", 80)}  # fmt: skip
 
 
 def find_chromium(path=""):

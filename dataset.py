@@ -1,18 +1,21 @@
-"""Recorded Pong episodes as a torch Dataset of short windows.
+"""Recorded episodes (of Pong, or of any game) as a torch Dataset of short windows.
 
-A recording directory (made by generate_dataset.py) holds episode_00000.npz, episode_00001.npz,
-... Each episode file has N frames and these aligned arrays:
-    frames  (N, H, W, 3) uint8   frames[k] is the k-th observation, frames[0] the reset one
+The data format, the contract every script reads: a recording directory holds a meta.json and
+episode_00000.npz, episode_00001.npz, ... generate_dataset.py writes them from ALE, but any source
+will do. meta.json names the actions, {"game": "breakout", "action_names": ["NOOP", "FIRE", ...]}
+(more entries are kept and ignored). Each episode file has N frames and these aligned arrays:
+    frames  (N, S, S, 3) uint8   frames[k] is the k-th observation; S a multiple of 8, the same in a dir
     actions (N,) int64           actions[k] is taken after seeing frames[k]; it leads to frames[k+1]
-                                 (actions[N-1] leads to a frame that is not stored)
-    rewards (N,) float32         reward of the step that produced frames[k]; rewards[0] = 0
+                                 (actions[N-1] leads to a frame that is not stored); 0 <= actions < A
+and optionally (generate_dataset.py writes them; missing ones are filled in as shown):
+    rewards (N,) float32         reward of the step that produced frames[k]; rewards[0] = 0 (zeros)
     dones   (N,) bool            True only at k = N-1
     t_index (N,) int64           t_index[k] = k
 An item is a window of `window` consecutive frames of one episode (stride 1, never across episodes),
 and what the DiT is conditioned on: at frame j, the action that led to it (actions[j-1]; zeros at
 j = 0 of a window, where it is unknown).
 
-PongDataset holds every frame of its episodes, decompressed once, in one uint8 tensor (about
+EpisodeDataset holds every frame of its episodes, decompressed once, in one uint8 tensor (about
 27.6 kB a frame at 96x96) on any device; or, for the DiT, the VAE latents of those frames from
 the latent cache (<episode dir>/latents/<VAE fingerprint>/episode_*.npy, built once by
 build_latent_cache). train.py samples batches of windows straight from it on the GPU
@@ -35,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from utils import NUM_ACTIONS, arg, atomic_save_npy, die, file_fingerprint, parse_config, resolve_ckpt_path
+import games
+from utils import arg, atomic_save_npy, die, file_fingerprint, parse_config, resolve_ckpt_path
 
-EPISODE_KEYS = ("frames", "actions", "rewards", "dones", "t_index")
+EPISODE_KEYS = ("frames", "actions")  # required; rewards, dones and t_index are filled in when missing
 
 
 def list_episodes(root):
@@ -51,18 +55,32 @@ def list_episodes(root):
 
 
 def read_meta(root):
-    """root/meta.json (written by generate_dataset.py) as a dict; errors name the file."""
+    """root/meta.json (generate_dataset.py writes it; see the data format above) as a dict; errors name the file."""
     path = os.path.join(root, "meta.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found (generate_dataset.py writes it)")
+        raise FileNotFoundError(f"{path} not found (it names the game's actions: see the data format in dataset.py)")
     try:
         with open(path) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(meta, dict) or "frame_size" not in meta:
-        raise ValueError(f"{path}: no 'frame_size' entry, not a generate_dataset.py meta.json")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a JSON object")
     return meta
+
+
+def read_game(data):
+    """(game, action names) of comma-separated recording dirs; a ValueError if they differ or name none."""
+    found = set()
+    for d in data.split(","):
+        try:
+            found.add(json.dumps(games.from_config(read_meta(d))))
+        except ValueError as e:
+            raise ValueError(f"--data {d}: meta.json {e}") from None
+    if len(found) > 1:
+        raise ValueError(f"--data {data}: the directories hold different games or action sets: {sorted(found)}")
+    game, names = json.loads(found.pop())
+    return game, names
 
 
 def _frames_shape(path):
@@ -76,10 +94,11 @@ def _frames_shape(path):
     return shape
 
 
-def load_episode(path, frames=True):
+def load_episode(path, frames=True, num_actions=None):
     """All arrays of one episode file as a dict; scalars (seed, agent, ...) become python values.
 
-    frames=False skips decompressing the frames and adds "frames_shape" instead.
+    frames=False skips decompressing the frames and adds "frames_shape" instead. num_actions: check the
+    actions against the game's count.
     Raises FileNotFoundError or ValueError naming the file if it is missing, corrupt or inconsistent.
     """
     if not os.path.isfile(path):
@@ -97,10 +116,15 @@ def load_episode(path, frames=True):
     n = len(ep["actions"])
     if len(shape) != 4 or shape[-1] != 3 or shape[0] != n or n == 0:
         raise ValueError(f"{path}: frames {tuple(shape)} do not match {n} actions (expected (N, H, W, 3))")
-    if any(len(ep[k]) != n for k in EPISODE_KEYS[1:]):
-        raise ValueError(f"{path}: arrays {EPISODE_KEYS} have different lengths")
-    if ep["actions"].min() < 0 or ep["actions"].max() >= NUM_ACTIONS:
-        raise ValueError(f"{path}: actions outside 0..{NUM_ACTIONS - 1}")
+    ep.setdefault("rewards", np.zeros(n, np.float32))
+    ep.setdefault("dones", np.arange(n) == n - 1)
+    ep.setdefault("t_index", np.arange(n))
+    if any(len(ep[k]) != n for k in ("actions", "rewards", "dones", "t_index")):
+        raise ValueError(f"{path}: arrays actions, rewards, dones, t_index have different lengths")
+    if not np.issubdtype(ep["actions"].dtype, np.integer):
+        raise ValueError(f"{path}: actions are {ep['actions'].dtype}, expected integers")
+    if ep["actions"].min() < 0 or (num_actions is not None and ep["actions"].max() >= num_actions):
+        raise ValueError(f"{path}: actions outside 0..{(num_actions or 1) - 1} (meta.json names {num_actions})")
     if not frames:
         ep["frames_shape"] = tuple(int(s) for s in shape)
     return ep
@@ -130,9 +154,13 @@ def list_split(data, val_fraction=0.1, max_episodes=0):
     for d in data.split(","):
         try:
             files = list_episodes(d)
-            sizes.add(read_meta(d)["frame_size"])
-        except (FileNotFoundError, ValueError) as e:
+            read_meta(d)
+            h, w = _frames_shape(files[0])[1:3]
+        except (FileNotFoundError, ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
             raise ValueError(f"--data {d}: {e}") from None
+        if h != w or h % 8:
+            raise ValueError(f"--data {d}: frames are {h}x{w}; the VAE needs square frames, a multiple of 8")
+        sizes.add(int(h))
         tr, va = split_episodes(files[:max_episodes] if max_episodes > 0 else files, val_fraction)
         train, val = train + tr, val + va
     if len(sizes) > 1:
@@ -145,7 +173,7 @@ def to_float_frames(x):
     return x.movedim(-1, -3).float().div(127.5).sub(1.0)
 
 
-def prev_actions(actions, num_actions=NUM_ACTIONS):
+def prev_actions(actions, num_actions):
     """What the DiT sees at frame j: recorded actions (B, T) -> one-hot of actions[j-1] (B, T, A).
 
     The recorder's actions[k] is taken after frame k and leads to frame k+1. The first frame
@@ -155,7 +183,7 @@ def prev_actions(actions, num_actions=NUM_ACTIONS):
     return torch.cat((torch.zeros_like(onehot[:, :1]), onehot[:, :-1]), dim=1)
 
 
-class PongDataset(Dataset):
+class EpisodeDataset(Dataset):
     """Windows of `window` consecutive frames (or VAE latents) of recorded episodes, held on one device.
 
     files: episode paths (see list_split). latents: a VAE fingerprint (build_latent_cache): serve
@@ -163,20 +191,22 @@ class PongDataset(Dataset):
     ds.sample(B, gen) / ds.batch(idx) -> dict of batched tensors on the device:
         frames (B, T, 3, H, W) float32 in [-1, 1]  or  latents (B, T, c, h, w) float32
         actions (B, T) int64                       actions[:, k] is taken after frame k
-        prev_actions (B, T, 6) float32             what the DiT sees at frame j: one-hot actions[:, j-1]
+        prev_actions (B, T, A) float32             what the DiT sees at frame j: one-hot actions[:, j-1]
     ds[i] gives one window with the same keys plus t_index (T,) and episode (its number).
     ds.data holds the stored frames, uint8 (N, H, W, 3), or latents (N, c, h, w), all episodes end to end.
     """
 
-    def __init__(self, files, window, latents="", scale=1.0, device="cpu"):
+    def __init__(self, files, window, latents="", scale=1.0, device="cpu", num_actions=None):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if not files:
             raise ValueError("no episode files")
+        # A, the one-hot width: the game's action count, from the first file's meta.json unless given
+        self.num_actions = num_actions or len(read_game(os.path.dirname(files[0]) or ".")[1])
         self.files, self.window, self.latents, self.device = list(files), window, latents, torch.device(device)
         data, actions, self.episodes, starts, off = [], [], [], [], 0
         for i, path in enumerate(self.files):
-            ep = load_episode(path, frames=not latents)
+            ep = load_episode(path, frames=not latents, num_actions=self.num_actions)
             n = len(ep["actions"])
             data.append(ep["frames"] if not latents else _load_latents(path, latents, n) * np.float32(scale))
             actions.append(ep["actions"])
@@ -196,7 +226,7 @@ class PongDataset(Dataset):
         pos = self.starts[idx][:, None] + torch.arange(self.window, device=self.device)  # (B, T) frame indices
         x, actions = self.data[pos], self.actions[pos]
         out = {"latents": x} if self.latents else {"frames": to_float_frames(x)}
-        return out | {"actions": actions, "prev_actions": prev_actions(actions)}
+        return out | {"actions": actions, "prev_actions": prev_actions(actions, self.num_actions)}
 
     def sample(self, batch_size, gen):
         """A batch of windows drawn uniformly with replacement, by a generator on any device."""
@@ -213,7 +243,8 @@ class PongDataset(Dataset):
             x /= 127.5
             x -= 1.0
             actions = self.actions[s]
-            item = {"frames": torch.from_numpy(x), "actions": actions, "prev_actions": prev_actions(actions[None])[0]}
+            prev = prev_actions(actions[None], self.num_actions)[0]
+            item = {"frames": torch.from_numpy(x), "actions": actions, "prev_actions": prev}
         else:
             item = {k: v[0] for k, v in self.batch(torch.tensor([i], device=self.device)).items()}
         e = int(np.searchsorted(self.offsets, start, side="right")) - 1
@@ -291,7 +322,7 @@ def main(root, cfg):
     try:
         train, val, _ = list_split(root, cfg.val_fraction)
         fp = file_fingerprint(resolve_ckpt_path(cfg.vae)) if cfg.vae else ""
-        ds = PongDataset({"train": train, "val": val, "all": sorted(train + val)}[cfg.split], cfg.window, fp)
+        ds = EpisodeDataset({"train": train, "val": val, "all": sorted(train + val)}[cfg.split], cfg.window, fp)
     except (FileNotFoundError, ValueError) as e:
         die(str(e))
     load_s = time.perf_counter() - t0

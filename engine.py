@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import diffusion
+import games
 import utils
 from utils import arg
 
@@ -117,6 +118,9 @@ def load_world_model(cfg, device, naive=False, **overrides):
         dit, load_vae(vae_path, device), config["latent_scale"], device, **kw
     )
     engine.source = dict(path=os.path.abspath(cfg.ckpt), step=step, vae=os.path.abspath(vae_path))  # for reports
+    engine.game, engine.action_names = games.from_config(config)
+    if len(engine.action_names) != engine.num_actions:
+        utils.die(f"{cfg.ckpt}: names {len(engine.action_names)} actions but its DiT takes {engine.num_actions}")
     return engine
 
 
@@ -130,8 +134,9 @@ def set_threads(threads, device):
         torch.set_num_threads(threads or max(1, torch.get_num_threads() // 2))
 
 
-def read_actions(path):
-    """A .pt of indices (T,) or one-hot (T, 6) -> int64 indices (T,), with one-line errors."""
+def read_actions(path, num_actions):
+    """A .pt of indices (T,) or one-hot (T, A) -> int64 indices (T,) in [0, A), with one-line errors.
+    A: the model's action count (engine.num_actions; Pong's 6)."""
     if not os.path.isfile(path):
         utils.die(f"--actions {path}: no such file")
     try:
@@ -141,17 +146,18 @@ def read_actions(path):
     if not isinstance(a, torch.Tensor):
         utils.die(f"--actions {path}: expected a tensor, found {type(a).__name__}")
     if a.ndim == 2:
-        if a.shape[1] != utils.NUM_ACTIONS:
-            utils.die(f"--actions {path}: one-hot actions need shape (T, {utils.NUM_ACTIONS}), found {tuple(a.shape)}")
+        if a.shape[1] != num_actions:
+            utils.die(f"--actions {path}: one-hot actions need shape (T, {num_actions}), found {tuple(a.shape)}")
         a = a.argmax(dim=1)
     elif a.ndim != 1:
-        utils.die(f"--actions {path}: expected shape (T,) or (T, {utils.NUM_ACTIONS}), found {tuple(a.shape)}")
+        utils.die(f"--actions {path}: expected shape (T,) or (T, {num_actions}), found {tuple(a.shape)}")
     if a.is_floating_point() and not torch.equal(a, a.round()):
         utils.die(f"--actions {path}: action indices must be integers")
     a = a.long()
-    if len(a) and (a.min() < 0 or a.max() >= utils.NUM_ACTIONS):
+    if len(a) and (a.min() < 0 or a.max() >= num_actions):
         utils.die(
-            f"--actions {path}: actions must be in [0, {utils.NUM_ACTIONS}), found {a.min().item()}..{a.max().item()}"
+            f"--actions {path}: the model's game has {num_actions} actions, so they must be in [0, {num_actions}); "
+            f"found {a.min().item()}..{a.max().item()}"
         )
     return a
 
@@ -167,7 +173,7 @@ def read_prompt(path, size):
             utils.die(f"--prompt {path}: cannot read frames ({type(e).__name__})")
         if frames.ndim != 4 or frames.shape[-1] != 3:
             utils.die(f"--prompt {path}: expected frames (n, H, W, 3), found {frames.shape}")
-        return np.stack([utils.resize_frame(f, size) if f.shape[0] != size else f for f in frames])
+        return np.stack([utils.resize_frame(f, size) if f.shape[:2] != (size, size) else f for f in frames])
     import cv2
 
     img = cv2.imread(path, cv2.IMREAD_COLOR)
@@ -178,7 +184,10 @@ def read_prompt(path, size):
 
 
 class WorldModel:
-    """A playable Pong: reset() with prompt frames, then step(actions) returns the next frames."""
+    """A playable game: reset() with prompt frames, then step(actions) returns the next frames.
+
+    game, action_names: what the model was trained on (load_world_model sets them from the checkpoint).
+    """
 
     def __init__(
         self, dit, vae, latent_scale, device, steps=2, context_noise=0, seed=0, slide="chunk", guidance=1.0,
@@ -192,7 +201,8 @@ class WorldModel:
         self.slide, self.guidance, self.context_noise = slide, float(guidance), int(context_noise)
         self.cuda_graph, self.runner = cuda_graph, None
         self.precision = precision  # "bf16": the DiT and the VAE run under autocast; the sampler's maths stays fp32
-        self.window = dit.window
+        self.window, self.num_actions = dit.window, dit.action_dim
+        self.game, self.action_names = "unknown", [str(i) for i in range(self.num_actions)]
         self.ac = diffusion.alphas_cumprod_schedule().to(self.device)
         ts = diffusion.ddim_timesteps(steps)
         self.pairs = list(zip(ts[:-1], ts[1:]))
@@ -225,7 +235,7 @@ class WorldModel:
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1)
 
     def _onehot(self, actions):
-        return F.one_hot(torch.as_tensor(actions, device=self.device).long(), utils.NUM_ACTIONS).float()
+        return F.one_hot(torch.as_tensor(actions, device=self.device).long(), self.num_actions).float()
 
     def _noised_context(self, z):
         if self.context_noise == 0:
@@ -240,7 +250,7 @@ class WorldModel:
         B, n = prompt.shape[:2]
         self._decoding = None  # a frame of the previous game still decoding is dropped
         z = self.encode(prompt)
-        a = torch.zeros(B, n, utils.NUM_ACTIONS, device=self.device)  # the first frame's action is unknown
+        a = torch.zeros(B, n, self.num_actions, device=self.device)  # the first frame's action is unknown
         if n > 1:
             a[:, 1:] = self._onehot(prompt_actions)
         self.B = B

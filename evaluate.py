@@ -1,4 +1,4 @@
-"""How close is the generated game to the real one? Metrics on held-out recorded episodes.
+"""How close is the generated game to the real one? Metrics on held-out recorded episodes, for any game.
 
 CPU smoke run (seconds; what the tests use; --quick is short for --preset quick):
     python evaluate.py --ckpt runs/dit/ckpt.pt --data data/pong_heldout --out runs/eval --quick
@@ -19,7 +19,9 @@ with P = --context and H = 1.
 
 Every run also makes the same rollouts (same start points, same noise) from one real frame, as a
 user's `generate.py --prompt frame.png` starts a game: "autoregressive_one_frame" beside the primed
-"autoregressive". Score events, the ball hit rate and the other metrics are defined in metrics.py.
+"autoregressive". Every game gets PSNR, SSIM, PSNR on the pixels that moved, the copy-the-last-frame
+baseline beside them (metrics.py) and action sensitivity (true against shuffled actions); a Pong model
+also gets the ball, paddles, score and up/down control (pong.py).
 """
 
 import dataclasses
@@ -35,8 +37,8 @@ import torch
 
 import engine as engines
 import utils
-from metrics import next_frame_block, plot, report, report_vae, rollout_block, share, to_json
-from utils import DOWN, UP, arg
+from metrics import REASONS, next_frame_block, plot, report, report_vae, rollout_block, to_json
+from utils import arg
 
 
 @dataclass
@@ -162,20 +164,14 @@ def fps_batch1(engine, eps, point, n_prompt, n):
         torch.set_num_threads(threads)
 
 
-def control_block(engine, eps, points, ctx, K, cfg, y_range):
-    """Hold up vs down for K frames from the same real states (same noise); read the player's paddle."""
-    y = {a: run(engine, eps, points, ctx, K, lambda e, s, a=a: np.full(K, a), cfg, f"control {a}") for a in (UP, DOWN)}
-    y = {a: utils.detect_objects(v[:, -1])["player_y"] for a, v in y.items()}
-    y0, (lo, hi) = utils.detect_objects(take(eps, points)[:, 0])["player_y"], y_range
-    seen = {a: np.isfinite(y0) & np.isfinite(y[a]) for a in (UP, DOWN)}
-    with np.errstate(invalid="ignore"):
-        up, down = y[UP] <= y0 - 1, y[DOWN] >= y0 + 1
-        m = dict(frames=K, n=len(points), up_moves_up=share(up, seen[UP]), down_moves_down=share(down, seen[DOWN]))
-        # "_free": only start states >= 2 px away from the paddle's observed travel limit in that direction
-        m.update(up_moves_up_free=share(up, seen[UP] & (y0 - lo >= 2)))
-        m.update(down_moves_down_free=share(down, seen[DOWN] & (hi - y0 >= 2)))
-        m.update(up_above_down=share(y[UP] < y[DOWN], np.isfinite(y[UP]) & np.isfinite(y[DOWN])))
-    return m
+def pong_control(engine, eps, points, ctx, K, cfg):
+    """Pong: hold up vs down for K frames from the same real states (same noise); read the player's paddle."""
+    import pong
+
+    all_y = np.concatenate([pong.detect_objects(ep["frames"])["player_y"] for ep in eps])
+    y_range = (np.nanmin(all_y), np.nanmax(all_y)) if np.isfinite(all_y).any() else (np.nan, np.nan)
+    hold = lambda a: run(engine, eps, points, ctx, K, lambda e, s: np.full(K, a), cfg, f"control {a}")
+    return pong.control_metrics(hold, take(eps, points)[:, 0], K, y_range)
 
 
 def device_name(device):
@@ -208,6 +204,7 @@ def main(cfg, argv=()):
         utils.die("--sweep-steps must be in 1..1000 and --sweep-context-noise in 0..999")
     utils.seed_everything(cfg.seed)
     engine = engines.load_world_model(cfg, device)
+    is_pong = engine.game == "pong"
     make = lambda st, cn: engines.WorldModel(
         engine.dit, engine.vae, engine.scale, device, st, cn, seed=cfg.seed, slide=cfg.slide, guidance=cfg.guidance,
         cuda_graph=cfg.cuda_graph,
@@ -230,7 +227,7 @@ def main(cfg, argv=()):
     real = take(eps, vae_pts)[:, 0]
     chunks = np.array_split(real, -(-len(real) // 64))
     rec = np.concatenate([engine.decode(engine.encode(c[:, None])[:, 0]).cpu().numpy() for c in chunks])
-    m_vae = next_frame_block(real, rec) | {"n_ball": int(utils.detect_objects(real)["ball_present"].sum())}
+    m_vae = next_frame_block(real, rec, pong=is_pong)
     if cfg.vae_only:
         return write(cfg, argv, engine, {"vae": m_vae, "counts": dict(vae_frames=len(vae_pts))}, t_start, eps)
 
@@ -240,7 +237,8 @@ def main(cfg, argv=()):
         gen = run(eng, eps, ar_pts, P, cfg.horizon, recorded(eps, cfg.horizon), cfg, f"{label} rollouts")
         real = take(eps, ar_pts, 0, cfg.horizon + 1)  # the start frame, then the frames to compare with
         gen = np.concatenate([real[:, :1], gen], 1)
-        return next_frame_block(take(eps, tf_pts, 1)[:, 0], tf), rollout_block(real, gen, horizons), gen
+        m_tf = next_frame_block(take(eps, tf_pts, 1)[:, 0], tf, take(eps, tf_pts)[:, 0], pong=is_pong)
+        return m_tf, rollout_block(real, gen, horizons, pong=is_pong), gen
 
     m_tf, m_ar, gen = quality(engine, "main")
     # the same start points and noise from one real frame, as a user's --prompt frame.png starts a game
@@ -248,7 +246,7 @@ def main(cfg, argv=()):
     if P > 1:
         real = take(eps, ar_pts, 0, cfg.horizon + 1)
         one = run(engine, eps, ar_pts, 1, cfg.horizon, recorded(eps, cfg.horizon), cfg, "one-frame rollouts")
-        m_one = rollout_block(real, np.concatenate([real[:, :1], one], 1), horizons)
+        m_one = rollout_block(real, np.concatenate([real[:, :1], one], 1), horizons, pong=is_pong)
     # the same rollouts (same noise) with each rollout's actions permuted: how much do the actions matter?
     rng = np.random.default_rng(cfg.seed)
     perm = {p: rng.permutation(cfg.horizon) for p in ar_pts}
@@ -256,9 +254,9 @@ def main(cfg, argv=()):
     shuffled = run(engine, eps, ar_pts, P, cfg.horizon, shuffled_fn, cfg, "shuffled actions")
     real = take(eps, ar_pts, 1, cfg.horizon)
     gain = utils.psnr(real, gen[:, 1:]) - utils.psnr(real, shuffled)  # (R, T)
-    all_y = np.concatenate([utils.detect_objects(ep["frames"])["player_y"] for ep in eps])
-    y_range = (np.nanmin(all_y), np.nanmax(all_y)) if np.isfinite(all_y).any() else (np.nan, np.nan)
-    m_ctl = control_block(engine, eps, spread(eps, ctx - 1, 0, cfg.rollouts), ctx, cfg.control_frames, cfg, y_range)
+    m_ctl = {"n": 0}
+    if is_pong:
+        m_ctl = pong_control(engine, eps, spread(eps, ctx - 1, 0, cfg.rollouts), ctx, cfg.control_frames, cfg)
     m_ctl["psnr_gain_true_vs_shuffled"] = float(gain.mean())
     m_ctl["psnr_gain_at"] = {str(k): float(gain[:, k - 1].mean()) for k in horizons}
     fps = fps_batch1(engine, eps, ar_pts[0], P, cfg.speed_frames)
@@ -271,16 +269,22 @@ def main(cfg, argv=()):
             eng = engine if (st, cn) == (cfg.steps, cfg.context_noise) else make(st, cn)
             tf, ar = (m_tf, m_ar) if eng is engine else quality(eng, f"{name}={v}")[:2]
             row = {"steps": st, "context_noise": cn}
-            row |= {f"tf_{k}": tf[k] for k in ("psnr", "ssim", "ball_presence", "ball_error_px", "ball_hit_rate")}
-            row |= {f"ar_{k}": ar[k] for k in ("psnr", "psnr_mean", "ball_presence", "ball_spurious")}
-            row |= {f"ar_{k}": ar[k] for k in ("ball_error_first16_px", "ball_hit_rate")}
+            row |= {f"tf_{k}": tf.get(k) for k in ("psnr", "ssim", "ball_presence", "ball_error_px", "ball_hit_rate")}
+            row |= {f"ar_{k}": ar.get(k) for k in ("psnr", "psnr_mean", "ball_presence", "ball_spurious")}
+            row |= {f"ar_{k}": ar.get(k) for k in ("ball_error_first16_px", "ball_hit_rate")}
             rows.append(row | {"fps_batch1": fps_batch1(eng, eps, ar_pts[0], P, cfg.speed_frames)})
         sweeps[name] = rows
 
     metrics = {
         "derived": dict(
-            context=ctx, prompt=P, horizons=horizons, frame_size=engine.frame_size, model=engine.dit.config
-        ),
+            context=ctx,
+            prompt=P,
+            horizons=horizons,
+            frame_size=engine.frame_size,
+            model=engine.dit.config,
+            game=engine.game,
+            action_names=engine.action_names,
+        ),  # fmt: skip
         "counts": dict(vae_frames=len(vae_pts), tf_frames=len(tf_pts), rollouts=len(ar_pts), control=m_ctl["n"]),
         "vae": m_vae,
         "teacher_forced": m_tf,
@@ -299,8 +303,12 @@ def write(cfg, argv, engine, metrics, t_start, eps=(), horizons=()):
     head["device"] = device_name(engine.device)
     head |= dict(precision=engine.precision, data=dict(dir=os.path.abspath(cfg.data), episodes=len(eps)))
     head["data"]["frames"] = sum(len(ep["frames"]) for ep in eps)
-    notes = {}
-    metrics = to_json(head | metrics | {"seconds": time.time() - t_start}, notes) | {"null_reasons": notes}
+    notes, reasons = {}, REASONS
+    if engine.game == "pong":
+        import pong
+
+        reasons = pong.REASONS + REASONS
+    metrics = to_json(head | metrics | {"seconds": time.time() - t_start}, notes, reasons) | {"null_reasons": notes}
     os.makedirs(cfg.out, exist_ok=True)
     utils.atomic_write_text(os.path.join(cfg.out, "metrics.json"), json.dumps(metrics, indent=1))
     if cfg.vae_only:

@@ -1,4 +1,5 @@
-"""Roll out Pong from one frame and a stream of actions, with no emulator in the loop.
+"""Roll out a game (Pong, or the game the model was trained on) from one frame and a stream of actions, with
+no emulator in the loop.
 
 With the bundled model and sample files (CPU is fine):
     python generate.py
@@ -11,7 +12,8 @@ One GPU:
 
 Actions follow the recorder's convention: actions[k] is the action taken after
 frame k and leads to frame k+1, so actions[0] moves the game on from the prompt.
-A .pt holds indices (T,) in [0, 6) or one-hot (T, 6); see utils.ACTION_NAMES.
+A .pt holds indices (T,) in [0, A) or one-hot (T, A), A the game's action count; the checkpoint names
+the actions (Pong's: NOOP FIRE RIGHT LEFT RIGHTFIRE LEFTFIRE; the startup line prints them).
 The engine (the KV-cached sampler, the pipelined decode) is engine.WorldModel.
 """
 
@@ -52,6 +54,7 @@ def main(cfg):
         utils.die(f"--out {cfg.out}: use a .mp4, .gif or .npz file name")
     set_threads(cfg.threads, device)
     engine = load_world_model(cfg, device)
+    print(f"{engine.game}: actions " + " ".join(f"{i}={n}" for i, n in enumerate(engine.action_names)))
     real = None
     if cfg.episode:
         import dataset
@@ -64,7 +67,7 @@ def main(cfg):
         prompt, actions = ep["frames"][cfg.start : cfg.start + 1], torch.from_numpy(ep["actions"][cfg.start : end - 1])
         real = ep["frames"][cfg.start : end]
     else:
-        prompt, actions = read_prompt(cfg.prompt, engine.frame_size), read_actions(cfg.actions)
+        prompt, actions = read_prompt(cfg.prompt, engine.frame_size), read_actions(cfg.actions, engine.num_actions)
     n_actions = cfg.frames - 1
     if len(actions) < n_actions:  # repeat the stream to the requested length
         actions = (

@@ -1,9 +1,11 @@
-"""Play Pong inside the world model: every frame on screen is generated, driven live by your keys.
+"""Play an Atari game inside the world model: every frame on screen is generated, driven live by your keys.
 
-With the bundled model (CPU is fine; a window opens):
+With the bundled model (Pong; CPU is fine; a window opens):
     python play.py
 Faster / bigger, on one GPU:
     python play.py --device cuda --steps 2 --fps 30 --scale 8
+Another game's model (the checkpoint names its game and actions):
+    python play.py --ckpt runs/breakout/dit.pt --prompt data/breakout/episode_00000.npz
 Record a game, then replay its keys through generate.py (it prints the exact command; same prompt,
 seed, steps, --context-noise and --slide give the same frames, bit for bit):
     python play.py --record runs/game.mp4          # also runs/game.actions.pt, runs/game.npz, runs/game.prompt.png
@@ -16,8 +18,12 @@ In a web browser (a headless server too: it prints the URL; from afar, ssh -L 80
     python play.py --serve
     python play.py --serve --port 8001 --record runs/web.mp4     # the server and page: play_web.py
 
-Controls: Up = RIGHT (paddle up), Down = LEFT (paddle down), Space = FIRE (with Up/Down:
-RIGHTFIRE / LEFTFIRE), no key = NOOP. R restarts from the prompt, P pauses, Esc quits.
+Controls: the arrows and Space (FIRE), mapped from the game's action names (KeyMap): the keys held spell
+UP/DOWN + RIGHT/LEFT + FIRE (opposite arrows cancel; UPRIGHTFIRE where the game has it), and where the game
+lacks that action, the longest one spelled by fewer of the keys, Space kept first (Breakout has no UP and
+no RIGHTFIRE: Up+Space and Right+Space fire); no key = NOOP. Pong has no UP or DOWN: there Up = RIGHT (the
+paddle goes up), Down = LEFT, and Left/Right do nothing. The window, the page and the start-up line show what
+each key does. R restarts from the prompt, P pauses, Esc quits.
 With --record, R saves the game so far and the next goes to OUT_2.mp4, OUT_3.mp4, ...; every
 game restarts the model's noise from --seed, so each one replays on its own.
 Actions follow the recorder's convention: actions[k] is the key state after frame k,
@@ -25,6 +31,7 @@ and leads to frame k+1. A key tapped between two frames still counts for the nex
 """
 
 import dataclasses
+import itertools
 import os
 import sys
 import threading
@@ -39,7 +46,7 @@ import utils
 from engine import SAMPLE_DIR, THREADS_HELP, ModelConfig, load_world_model, read_actions, read_prompt, set_threads
 from utils import arg
 
-CONTROLS = ["Up/Down: paddle   Space: fire", "R: restart   P: pause   Esc: quit"]
+COMMANDS = "R: restart   P: pause   Esc: quit"
 POLICIES = "auto | keys | random | up | down | noop | file:ACTIONS.pt"
 
 
@@ -72,43 +79,100 @@ class PlayConfig(ModelConfig):
     )
 
 
-def keys_to_action(up, down, fire):
-    """Keyboard state -> action index. In Pong's action set RIGHT moves the player's paddle up."""
-    move = "RIGHT" if up and not down else "LEFT" if down and not up else ""
-    return utils.ACTION_NAMES.index((move + "FIRE" if fire else move) or "NOOP")
+KEYS = ("Up", "Down", "Left", "Right", "Space")  # a key state is (up, down, left, right, fire), in this order
+WORDS = ("UP", "DOWN", "LEFT", "RIGHT", "FIRE")  # the part of an ALE action name each key stands for
+# Pong's action set has no UP or DOWN: RIGHT moves the player's paddle up, LEFT down. So there the Up and Down
+# arrows mean RIGHT and LEFT, and Left/Right, which would move the paddle up and down, do nothing.
+KEY_ALIASES = {"pong": {"UP": "RIGHT", "DOWN": "LEFT", "LEFT": "", "RIGHT": ""}}
 
 
-def make_policy(spec, seed):
+class KeyMap:
+    """The arrows and Space -> a game's actions, built once from its name and action names: a key state spells
+    UP/DOWN + RIGHT/LEFT + FIRE (opposite arrows cancel); where the game lacks that name, the longest name spelled
+    by fewer of the keys, Space kept first, then Up/Down, so that a pressed Space fires (Breakout has no UP or
+    RIGHTFIRE: Up+Space and Right+Space are FIRE); NOOP when none is left."""
+
+    def __init__(self, game, action_names):
+        self.names = list(action_names)
+        aliases = KEY_ALIASES.get(game, {})
+        self.words = [aliases.get(w, w) for w in WORDS]
+        self.table = {keys: self._spell(keys) for keys in itertools.product((False, True), repeat=len(KEYS))}
+        self.noop = self.table[(False,) * len(KEYS)]
+
+    def _spell(self, keys):
+        held = {w for k, w in zip(keys, self.words) if k and w}
+        for pair in ({"UP", "DOWN"}, {"LEFT", "RIGHT"}):
+            if pair <= held:
+                held -= pair
+        parts = [w for w in ("FIRE", "UP", "DOWN", "RIGHT", "LEFT") if w in held]  # kept first on a tie
+        for n in range(len(parts), 0, -1):  # the fewest parts dropped
+            for kept in itertools.combinations(parts, n):
+                name = "".join(w for w in ("UP", "DOWN", "RIGHT", "LEFT", "FIRE") if w in kept)  # ALE's order
+                if name in self.names:
+                    return self.names.index(name)
+        return self.names.index("NOOP") if "NOOP" in self.names else 0
+
+    def __call__(self, keys):
+        """(up, down, left, right, fire) -> action index."""
+        return self.table[tuple(bool(k) for k in keys)]
+
+    def key(self, name):
+        """A key alone ("Up", ..., "Space") -> the action index it gives."""
+        return self(tuple(k == name for k in KEYS))
+
+    def keys_text(self):
+        """What each key does alone, e.g. Pong's "Up: RIGHT  Down: LEFT  Space: FIRE"; keys that do nothing left out."""
+        return "  ".join(f"{k}: {self.names[self.key(k)]}" for k in KEYS if self.key(k) != self.noop) or "no key acts"
+
+    def actions_text(self):
+        """Every action and the fewest keys that give it, e.g. "... RIGHTFIRE: Up+Space ..."."""
+        how = {}
+        for keys in sorted(self.table, key=sum):  # fewest keys first
+            how.setdefault(self.table[keys], "+".join(k for k, held in zip(KEYS, keys) if held) or "no key")
+        return "  ".join(f"{name}: {how.get(i, '(no key)')}" for i, name in enumerate(self.names))
+
+
+def make_policy(spec, seed, keymap):
     """A scripted player for --policy: frame index -> action index; None for the keyboard."""
     if spec == "keys":
         return None
     if spec == "random":
         rng = np.random.default_rng(seed)
-        return lambda k: int(rng.integers(utils.NUM_ACTIONS))
-    fixed = {"up": "RIGHT", "down": "LEFT", "noop": "NOOP"}
-    if spec in fixed:
-        a = utils.ACTION_NAMES.index(fixed[spec])
+        return lambda k: int(rng.integers(len(keymap.names)))
+    if spec == "noop":
+        return lambda k: keymap.noop
+    if spec in ("up", "down"):  # what the arrow does in this game
+        a = keymap.key(spec.capitalize())
+        if a == keymap.noop:
+            utils.die(f"--policy {spec}: the {spec.capitalize()} arrow does nothing in this game (actions: "
+                      f"{', '.join(keymap.names)})")  # fmt: skip
         return lambda k: a
     if spec.startswith("file:"):
         path = spec[len("file:") :]
         if not os.path.isfile(path):
             utils.die(f"--policy {spec}: no such file")
-        actions = read_actions(path).tolist()
+        actions = read_actions(path, len(keymap.names)).tolist()
         if not actions:
             utils.die(f"--policy {spec}: the file holds no actions")
         return lambda k: actions[k % len(actions)]  # repeated to any length, as generate.py does
     utils.die(f"--policy {spec!r}: expected one of {POLICIES}")
 
 
-def make_env():
-    """The real game, as the recorder plays it (frameskip 4, sticky actions off)."""
+def make_env(engine):
+    """The model's real game, as the recorder plays it (frameskip 4, sticky actions off, max-pool but in Pong)."""
     try:
-        import ale_py
-        import gymnasium as gym
+        import games
+
+        env = games.AtariEnv(games.resolve(engine.game)[1], frameskip=4, sticky=0.0, max_pool=engine.game != "pong")
     except ImportError:
         utils.die("--compare needs the emulator: pip install gymnasium ale-py")
-    gym.register_envs(ale_py)
-    return gym.make("ALE/Pong-v5", frameskip=4, repeat_action_probability=0.0)
+    except ValueError as e:
+        utils.die(f"--compare: the model's game: {e}")
+    if env.action_names != engine.action_names:
+        env.close()
+        utils.die(f"--compare: the emulator's {engine.game} has the actions {env.action_names}, the model's are "
+                  f"{engine.action_names}")  # fmt: skip
+    return env
 
 
 class Game:
@@ -216,13 +280,13 @@ def new_game(game, cfg, writers):
 class Screen:
     """The pygame window (SDL's dummy driver with --headless): game panels scaled up, over a status bar."""
 
-    def __init__(self, n_panels, size, scale, headless, labels=()):
+    def __init__(self, n_panels, size, scale, headless, labels=(), title="GameNGen-Mini", controls=(COMMANDS,)):
         os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
         if headless:
             os.environ["SDL_VIDEODRIVER"] = "dummy"
         import pygame
 
-        self.pg, self.labels = pygame, labels
+        self.pg, self.labels, self.title, self.controls = pygame, labels, title, list(controls)
         self.panel_w, self.game_h = size * scale, size * scale
         width = n_panels * self.panel_w
         no_window = "no display to open a window on: set DISPLAY, or use --headless"
@@ -236,13 +300,13 @@ class Screen:
             utils.die(f"cannot open a window ({e}): set DISPLAY, or use --headless")
         if not (headless or chosen) and pygame.display.get_driver() in ("offscreen", "dummy"):
             utils.die(no_window)  # SDL's fallback: an invisible window nobody could play in
-        self.font = self._fit_font(CONTROLS + ["99.9 frames/s (model 99.9/s)  RIGHTFIRE"], width - 8)
-        bar = 3 * self.font.get_linesize() + 6 if self.font else 0
+        self.font = self._fit_font(self.controls + ["99.9 frames/s (model 99.9/s)  DOWNRIGHTFIRE"], width - 8)
+        bar = (1 + len(self.controls)) * self.font.get_linesize() + 6 if self.font else 0
         try:
             self.surface = pygame.display.set_mode((width, self.game_h + bar))
         except pygame.error as e:
             utils.die(f"cannot open a window ({e}): set DISPLAY, or use --headless")
-        pygame.display.set_caption("GameNGen-Mini Pong | " + " | ".join(CONTROLS))
+        pygame.display.set_caption(" | ".join([title] + self.controls))
         self.shown = 0
 
     def _fit_font(self, lines, width):
@@ -258,7 +322,7 @@ class Screen:
             return None
 
     def poll(self):
-        """-> (commands in order, (up, down, fire)); a movement key held now or tapped since the last poll counts."""
+        """-> (commands in order, (up, down, left, right, fire)): a key held now or tapped since the last poll."""
         pg = self.pg
         commands, tapped = [], set()
         for e in pg.event.get():
@@ -269,8 +333,8 @@ class Screen:
                 command = {pg.K_ESCAPE: "quit", pg.K_r: "restart", pg.K_p: "pause"}.get(e.key)
                 if command:
                     commands.append(command)
-        held = pg.key.get_pressed()
-        return commands, tuple(bool(held[k]) or k in tapped for k in (pg.K_UP, pg.K_DOWN, pg.K_SPACE))
+        held, keys = pg.key.get_pressed(), (pg.K_UP, pg.K_DOWN, pg.K_LEFT, pg.K_RIGHT, pg.K_SPACE)  # KEYS' order
+        return commands, tuple(bool(held[k]) or k in tapped for k in keys)
 
     def draw(self, panels, status):
         pg = self.pg
@@ -281,11 +345,11 @@ class Screen:
         if self.font:
             for i, label in enumerate(self.labels):
                 self.surface.blit(self.font.render(label, True, (255, 255, 255), (0, 0, 0)), (i * self.panel_w + 3, 3))
-            for i, line in enumerate([status] + CONTROLS):
+            for i, line in enumerate([status] + self.controls):
                 text = self.font.render(line, True, (230, 230, 230))
                 self.surface.blit(text, (4, self.game_h + 3 + i * self.font.get_linesize()))
         elif self.shown % 15 == 0:  # no fonts: the frame rate goes in the caption
-            pg.display.set_caption(f"GameNGen-Mini Pong | {status} | " + " | ".join(CONTROLS))
+            pg.display.set_caption(" | ".join([self.title, status] + self.controls))
         pg.display.flip()
         self.shown += 1
 
@@ -318,21 +382,23 @@ def main(cfg):
     if cfg.headless and policy_spec == "keys":
         utils.die("--policy keys needs a window: drop --headless, or pick a scripted policy")
     utils.seed_everything(cfg.seed)
-    policy = make_policy(policy_spec, cfg.seed)
 
     set_threads(cfg.threads, device)
     engine = load_world_model(cfg, device)
+    keymap = KeyMap(engine.game, engine.action_names)
+    policy = make_policy(policy_spec, cfg.seed, keymap)
+    print(f"{engine.game}: {keymap.keys_text()}; every action: {keymap.actions_text()}", flush=True)
     size = engine.frame_size
     prompt = None if cfg.compare else read_prompt(cfg.prompt, size)[-1:]  # (1, H, W, 3)
-    env = make_env() if cfg.compare else None
+    env = make_env(engine) if cfg.compare else None
     game = Game(engine, prompt, env, cfg.seed, keep=bool(cfg.record))
     if cfg.serve:  # the browser is the screen
         import play_web
 
-        return play_web.serve(cfg, game, stop)
-    screen = Screen(
-        2 if cfg.compare else 1, size, cfg.scale, cfg.headless, ("emulator", "model") if cfg.compare else ()
-    )
+        return play_web.serve(cfg, game, keymap, stop)
+    labels = ("emulator", "model") if cfg.compare else ()
+    screen = Screen(2 if cfg.compare else 1, size, cfg.scale, cfg.headless, labels, f"GameNGen-Mini: {engine.game}",
+                    [keymap.keys_text(), COMMANDS])  # fmt: skip
     clock = screen.pg.time.Clock()
 
     played, busy, paused, action = 0, 0.0, False, 0
@@ -357,15 +423,14 @@ def main(cfg):
                 clock.tick(20)
                 continue
             t0 = time.perf_counter()
-            action = policy(played) if policy else keys_to_action(*keys)
+            action = policy(played) if policy else keymap(keys)
             game.step(action)
             dt = time.perf_counter() - t0
             model_dt = dt if model_dt is None else 0.9 * model_dt + 0.1 * dt
             recent.append(time.perf_counter())
             rate = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
-            screen.draw(
-                game.panels(), f"{rate:.1f} frames/s (model {1 / model_dt:.1f}/s)  {utils.ACTION_NAMES[action]}"
-            )
+            status = f"{rate:.1f} frames/s (model {1 / model_dt:.1f}/s)  {engine.action_names[action]}"
+            screen.draw(game.panels(), status)
             played += 1
             if cfg.headless and (shown_at is None or time.perf_counter() - shown_at > 5):
                 shown_at = time.perf_counter()

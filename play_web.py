@@ -10,13 +10,15 @@ latency, raw RGB frames against PNG, each through its own `play.py --serve`:
     python play_web.py --screenshot sample_data/browser_screenshot.png     # the README's picture
     python play_web.py --play-args "--steps 1 --threads 1"
 
-How it works. One port serves the page (GET /, play_web.html) and the game's websocket (/ws). The game
-runs on the main thread at a fixed tick (play.py's --fps: 30 served), skipping the ticks it misses when
-the model falls behind. Each tick it takes the newest key state (and keys tapped since the last tick),
-steps play.Game and sends the frame as one binary message: FRAME_HEADER, then raw RGB or a PNG. When the
-model is ahead of the clock the frame is sent as soon as it is decoded, not one tick later (play.Game's
-pipeline). A player's frames go through a one-frame mailbox on a sender thread: a slow client drops
-frames, and never stalls the game. One player at a time; a second gets a clear message and close code 1013.
+How it works. One port serves the page (GET /, play_web.html) and the game's websocket (/ws); the hello
+tells the page the game, its action names and what each key does. The game runs on the main thread at a
+fixed tick (play.py's --fps: 30 served), skipping the ticks it misses when the model falls behind. Each
+tick it takes the newest key state (arrows and Space, and keys tapped since the last tick), maps it to
+the game's action (play.KeyMap), steps play.Game and sends the frame as one binary message: FRAME_HEADER,
+then raw RGB or a PNG. When the model is ahead of the clock the frame is sent as soon as it is decoded,
+not one tick later (play.Game's pipeline). A player's frames go through a one-frame mailbox on a sender
+thread: a slow client drops frames, and never stalls the game. One player at a time; a second gets a clear
+message and close code 1013.
 """
 
 import json
@@ -41,17 +43,18 @@ from utils import arg
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAGE = os.path.join(HERE, "play_web.html")
 FRAME_HEADER = struct.Struct("<IIB")  # frame number in the game, seq of the keys its action came from, action
-MAX_MESSAGE = 1024  # a longer client message is ignored (a key message is ~40 bytes)
+MAX_MESSAGE = 1024  # a longer client message is ignored (a key message is ~50 bytes)
 MAX_SIZE = 64 * 1024  # the websocket layer closes a connection that sends a larger message (code 1009)
 BUSY = 1013  # close code "try again later": someone else is playing
 BUSY_REASON = "someone else is playing: one player at a time, reload when they are done"
-NO_KEYS = (False, False, False)
+NO_KEYS = (False,) * len(play.KEYS)  # (up, down, left, right, fire)
 # The page's browser refuses anything from elsewhere: its inline script and style, and its own websocket.
 CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:"
 
 
 def parse_message(message):
-    """A client message -> ("keys", (up, down, fire), seq) or ("cmd", "restart" | "pause"); None otherwise."""
+    """A client message -> ("keys", (up, down, left, right, fire), seq) or ("cmd", "restart" | "pause"); None
+    otherwise."""
     if not isinstance(message, str) or len(message) > MAX_MESSAGE:
         return None
     try:
@@ -61,7 +64,7 @@ def parse_message(message):
     if not isinstance(m, dict):
         return None
     keys, seq = m.get("keys"), m.get("seq")
-    if isinstance(keys, list) and len(keys) == 3 and all(isinstance(k, bool) for k in keys):
+    if isinstance(keys, list) and len(keys) == len(NO_KEYS) and all(isinstance(k, bool) for k in keys):
         if type(seq) is int and 0 <= seq < 2**32:
             return "keys", tuple(keys), seq
     if m.get("cmd") in ("restart", "pause"):
@@ -99,7 +102,7 @@ class Player:
                 self.commands.append(m[1])
 
     def take(self):
-        """-> (commands, (up, down, fire) held now or tapped since the last take, seq of the newest keys)."""
+        """-> (commands, the keys held now or tapped since the last take, seq of the newest keys)."""
         with self.cond:
             out = self.commands, tuple(a or b for a, b in zip(self.held, self.tapped)), self.seq
             self.commands, self.tapped = [], NO_KEYS
@@ -140,14 +143,16 @@ class Player:
 class Server:
     """play.py --serve: the page and the websocket on one port (server threads); run() plays on the caller's."""
 
-    def __init__(self, cfg, game):
+    def __init__(self, cfg, game, keymap):
         from websockets.sync.server import serve
 
-        self.cfg, self.game, self.labels, self.number, self.decode_dt = cfg, game, deque(), 0, 0.0
+        self.cfg, self.game, self.keymap, self.labels, self.number, self.decode_dt = cfg, game, keymap, deque(), 0, 0.0
         self.lock, self.player, self.changed = threading.Lock(), None, threading.Event()
         with open(PAGE, encoding="utf-8") as f:
             self.page = f.read()
-        hello = dict(size=game.engine.frame_size, scale=cfg.scale, actions=utils.ACTION_NAMES, format=cfg.frame_format)
+        engine = game.engine
+        hello = dict(size=engine.frame_size, scale=cfg.scale, format=cfg.frame_format, game=engine.game,
+                     actions=engine.action_names, keys=keymap.keys_text(), every=keymap.actions_text())  # fmt: skip
         self.hello = json.dumps(hello)
         try:
             self.ws = serve(self.handle, cfg.host, cfg.port, process_request=self.route, max_size=MAX_SIZE,
@@ -249,7 +254,7 @@ class Server:
 
     def step(self, player, keys, seq, deadline):
         """One tick's step; the newest frame, labelled with its action and keys, goes to the player."""
-        action = play.keys_to_action(*keys)
+        action = self.keymap(keys)
         self.labels.append((action, seq))
         shown = self.game.step(action)  # the previous step's frame, if it was not shown yet
         if time.perf_counter() + self.decode_dt < deadline:  # ahead of the clock: this frame now, not next tick
@@ -267,9 +272,9 @@ class Server:
         self.thread.join()
 
 
-def serve(cfg, game, stop):
+def serve(cfg, game, keymap, stop):
     """play.py --serve: serve until Ctrl-C or SIGTERM (`stop`), then save the game when recording."""
-    server = Server(cfg, game)
+    server = Server(cfg, game, keymap)
     if cfg.host in ("0.0.0.0", "::", ""):
         print(f"warning: --host {cfg.host!r} lets anyone who can reach this machine play (and load it); "
               "from afar, ssh -L is safer", flush=True)  # fmt: skip

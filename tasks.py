@@ -1,7 +1,8 @@
 """What train.py trains: the VAE and the DiT, each as batch -> loss, with their data and validation.
 
 train.py owns the loop (optimizer, schedule, EMA, checkpoints, logging, DDP); a task owns its
-model, its data (dataset.PongDataset on the training device) and its loss:
+model, its data (dataset.EpisodeDataset on the training device) and its loss. The game and its action
+names come from the data's meta.json and go into the checkpoint (task.extra_config):
     task = VAETask(cfg, device, master) | DiTTask(cfg, device, master)
     task.model, task.model_config, task.extra_config (more checkpoint config)
     task.loss(module, gen) -> (loss, {name: tensor}); task.evaluate(ema) -> {name: value}
@@ -17,24 +18,24 @@ import torch
 import torch.nn.functional as F
 
 import diffusion
+import games
 import utils
-from dataset import PongDataset, build_latent_cache, list_split, to_float_frames
+from dataset import EpisodeDataset, build_latent_cache, list_split, read_game, to_float_frames
 from engine import WorldModel, load_vae
-from metrics import score_read
 
 
 def load_split(cfg):
-    """(train files, val files, frame size) of --data, with a one-line error for a bad directory."""
+    """(train files, val files, frame size, game, action names) of --data; a one-line error for a bad directory."""
     try:
-        return list_split(cfg.data, cfg.val_fraction, cfg.max_episodes)
+        return *list_split(cfg.data, cfg.val_fraction, cfg.max_episodes), *read_game(cfg.data)
     except ValueError as e:
         utils.die(str(e))
 
 
 def windows(files, window, device, **kw):
-    """PongDataset, with a one-line error naming a missing or corrupt episode (or latent) file."""
+    """EpisodeDataset, with a one-line error naming a missing or corrupt episode (or latent) file."""
     try:
-        return PongDataset(files, window, device=device, **kw)
+        return EpisodeDataset(files, window, device=device, **kw)
     except (FileNotFoundError, ValueError) as e:
         utils.die(str(e))
 
@@ -47,7 +48,7 @@ class VAETask:
     def __init__(self, cfg, device, master):
         from uvit_vae import DECODER_CONFIGS, AutoencoderKL, build_vae
 
-        train_files, val_files, frame_size = load_split(cfg)
+        train_files, val_files, frame_size, self.game, names = load_split(cfg)
         if cfg.crop and (cfg.crop % 8 or cfg.crop > frame_size):
             utils.die(f"--crop {cfg.crop}: must be a multiple of 8 and at most the frame size {frame_size}")
         if cfg.decoder_only and not cfg.init:
@@ -56,8 +57,8 @@ class VAETask:
             utils.die("--decoder needs --decoder-only: a new decoder is trained against a frozen --init encoder")
         if cfg.decoder and cfg.decoder not in DECODER_CONFIGS:
             utils.die(f"--decoder {cfg.decoder!r}: choose from {sorted(DECODER_CONFIGS)}")
-        self.train = windows(train_files, 1, device)
-        self.val = windows(val_files or train_files[:1], 1, device)
+        self.train = windows(train_files, 1, device, num_actions=len(names))
+        self.val = windows(val_files or train_files[:1], 1, device, num_actions=len(names))
         # The static background: the per-pixel median over a sample of training frames.
         g = torch.Generator().manual_seed(0)
         sample = self.train.sample(min(512, len(self.train)), g)["frames"][:, 0]  # (n, 3, H, W)
@@ -88,7 +89,7 @@ class VAETask:
         if cfg.decoder_only:  # the encoder stays as it is, so the latents (and a DiT trained on them) stay valid
             self.model.encoder.requires_grad_(False)
             self.model.quant_conv.requires_grad_(False)
-        self.model_config, self.extra_config = dict(self.model.config), {}
+        self.model_config, self.extra_config = dict(self.model.config), {"game": self.game}
         self.cfg, self.device = cfg, device
 
     def loss(self, model, gen):
@@ -115,10 +116,8 @@ class VAETask:
 
     @torch.no_grad()
     def evaluate(self, model):
-        m = vae_metrics(model, self.val, n=256)
-        return {"val_psnr": m["psnr"], "val_ball_kept": m["ball_kept"]} | {
-            f"val_{k}": m[k] for k in ("score_read_opponent", "score_read_player")
-        }
+        m = vae_metrics(model, self.val, n=256, pong=self.game == "pong")
+        return {f"val_{k}": v for k, v in m.items() if k not in ("n", "n_ball")}
 
     def finalize_config(self, model):
         """The latent scaling factor: 1 / std of the posterior means over training frames."""
@@ -132,18 +131,23 @@ class VAETask:
 
 
 @torch.no_grad()
-def vae_metrics(vae, ds, n=256):
-    """PSNR (dB, on uint8 frames) and the share of real balls still detected after reconstruction."""
+def vae_metrics(vae, ds, n=256, pong=False):
+    """PSNR (dB, on uint8 frames); in Pong, the share of real balls still detected after reconstruction
+    and the score read right."""
     idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).long().to(ds.device)
     real = ds.data[ds.starts[idx]]  # uint8 (n, H, W, 3): windows of one frame
     rec = torch.cat([vae.decode(vae.encode(to_float_frames(c)).mean) for c in real.split(64)])
     rec = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(1, -1).cpu().numpy()
     real = real.cpu().numpy()
-    d_real, d_rec = utils.detect_objects(real), utils.detect_objects(rec)
+    out = {"psnr": float(utils.psnr(real, rec).mean()), "n": len(real)}
+    if not pong:
+        return out
+    import pong as game
+
+    d_real, d_rec = game.detect_objects(real), game.detect_objects(rec)
     has = d_real["ball_present"]
     kept = float((d_rec["ball_present"][has]).mean()) if has.any() else float("nan")
-    out = {"psnr": float(utils.psnr(real, rec).mean()), "ball_kept": kept, "n": len(real), "n_ball": int(has.sum())}
-    return out | score_read(real, rec)
+    return out | {"ball_kept": kept, "n_ball": int(has.sum())} | game.score_read(real, rec)
 
 
 @torch.no_grad()
@@ -180,7 +184,7 @@ class DiTTask:
             utils.die(f"--vae {cfg.vae}: no VAE checkpoint at {vae_path}")
         self.vae = load_vae(vae_path, device)
         self.scale = float(self.vae.scaling_factor)
-        train_files, val_files, _ = load_split(cfg)
+        train_files, val_files, _, game, names = load_split(cfg)
         fp = utils.file_fingerprint(vae_path)
 
         def encode(frames):  # chunk by chunk: a signal stops here, before the episode's file is written
@@ -191,11 +195,12 @@ class DiTTask:
             build_latent_cache(train_files + val_files, fp, encode, master)
         except (FileNotFoundError, ValueError) as e:
             utils.die(str(e))
-        self.train = windows(train_files, cfg.window, device, latents=fp, scale=self.scale)
-        self.val = windows(val_files, cfg.window, device, latents=fp, scale=self.scale) if val_files else self.train
+        kw = dict(latents=fp, scale=self.scale, num_actions=len(names))
+        self.train = windows(train_files, cfg.window, device, **kw)
+        self.val = windows(val_files, cfg.window, device, **kw) if val_files else self.train
         c, h, w = self.train.data.shape[1:]
         self.model = DiT_models[cfg.model](
-            input_h=h, input_w=w, in_channels=c, window=cfg.window, action_dim=utils.NUM_ACTIONS
+            input_h=h, input_w=w, in_channels=c, window=cfg.window, action_dim=len(names)
         ).to(device)
         if cfg.init:  # fine-tune a trained DiT (its EMA weights) on the same VAE's latents
             ck = utils.load_checkpoint(cfg.init, kind="dit")
@@ -203,11 +208,14 @@ class DiTTask:
             same = lambda c: {k: v for k, v in c.items() if k != "window"}
             if same(ck["config"]["model"]) != same(json.loads(json.dumps(self.model.config))):
                 utils.die(f"--init {cfg.init}: model config {ck['config']['model']} differs from --model {cfg.model}")
+            if games.from_config(ck["config"]) != (game, names):
+                utils.die(f"--init {cfg.init} plays {games.from_config(ck['config'])}, --data {(game, names)}")
             if ck["config"].get("vae_fingerprint") != fp:
                 utils.die(f"--init {cfg.init} was trained on another VAE's latents than --vae {cfg.vae}")
             self.model.load_state_dict(ck["ema"])
         self.model_config = dict(self.model.config)
         self.extra_config = {"vae_path": os.path.abspath(vae_path), "vae_fingerprint": fp, "latent_scale": self.scale}
+        self.extra_config |= {"game": game, "action_names": names}
         self.ac = diffusion.alphas_cumprod_schedule().to(device)
         self.cfg, self.device = cfg, device
         self.n_rollout = round(cfg.rollout_frac * cfg.batch_size)

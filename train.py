@@ -21,7 +21,7 @@ Fine-tune a trained DiT (from its EMA weights), e.g. on more data:
 The DiT is trained with diffusion forcing: every frame of a window gets its own noise level,
 v-prediction on the sigmoid schedule. This file holds the flags (one config per kind, with its
 presets) and the loop (optimizer, schedule, EMA, checkpoints, logging, DDP); tasks.py holds what
-is trained: each model with its data (dataset.PongDataset), loss and validation.
+is trained: each model with its data (dataset.EpisodeDataset), loss and validation.
 """
 
 import copy

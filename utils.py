@@ -1,5 +1,6 @@
-"""Shared pieces: config-to-CLI, seeding, atomic writes, checkpoints, devices, PSNR, videos,
-and Pong's frames (actions, resizing, the object detector). The diffusion maths is in diffusion.py.
+"""Shared plumbing: config-to-CLI, seeding, interrupts, atomic writes, checkpoints, devices, precision,
+PSNR, videos and frame resizing. Game knowledge is elsewhere: games.py (any ALE game), pong.py (Pong);
+the diffusion maths is in diffusion.py.
 
 Imports only torch, numpy and the standard library at module level, so the
 training and generation code runs on a bare GPU image (cv2 is imported lazily).
@@ -345,24 +346,13 @@ def write_video(path, frames, fps=15, scale=1):
 
 
 # -----------------------------------------------------------------------------
-# Pong
-
-ACTION_NAMES = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
-NUM_ACTIONS = len(ACTION_NAMES)
-UP, DOWN = ACTION_NAMES.index("RIGHT"), ACTION_NAMES.index("LEFT")  # RIGHT moves the player's (right) paddle up
-ATARI_H, ATARI_W = 210, 160
-# Rows of the 210x160 screen that hold the play field (between the white walls).
-FIELD_TOP, FIELD_BOTTOM = 34, 194
-COLOR_BALL = (236, 236, 236)
-COLOR_PLAYER = (92, 186, 92)  # right paddle, the agent's
-COLOR_OPPONENT = (213, 130, 74)  # left paddle, the CPU's
-COLOR_BACKGROUND = (144, 72, 17)
+# frames
 
 
 def resize_frame(frame, size):
-    """(210, 160, 3) uint8 -> (size, size, 3) uint8 with area averaging.
+    """(H, W, 3) uint8 (an Atari screen is 210x160) -> (size, size, 3) uint8 with area averaging.
 
-    Area averaging keeps the 2x4 pixel ball as a blended blob instead of
+    Area averaging keeps a small object (Pong's 2x4 pixel ball) as a blended blob instead of
     dropping it, as nearest-neighbour sampling can at small sizes.
     """
     import cv2
@@ -376,7 +366,7 @@ class FrameResizer:
     Shrinking H x W to size x size, INTER_AREA treats each block of H/gcd(H, size) x W/gcd(W, size) pixels
     (35x5 -> 16x3 for 210x160 to 96) with the same weights wherever the block sits, so resizing a block
     alone gives the very bytes of resizing the whole frame (tests/test_recorder.py checks it). Most of a
-    Pong frame stands still: at 96, ~4 blocks change per frame, and this is ~3x faster than whole frames.
+    Atari frame stands still: at 96, ~4 blocks change per frame, and this is ~3x faster than whole frames.
     """
 
     def __init__(self, size, shape):
@@ -403,93 +393,3 @@ class FrameResizer:
                 o[i * oh : (i + 1) * oh, j * ow : (j + 1) * ow] = block
             self.prev, self.last = f, o
         return out
-
-
-# Inside the play field a frame holds only the background and three object colours,
-# and area resizing blends them linearly, so each pixel is bg + sum_o cover_o * (color_o - bg).
-# Solving that 3x3 system gives every object's coverage fraction per pixel ("unmixing").
-_OBJ_DELTAS = np.array([COLOR_BALL, COLOR_PLAYER, COLOR_OPPONENT], np.float32) - np.float32(COLOR_BACKGROUND)
-_UNMIX = np.linalg.inv(_OBJ_DELTAS).astype(np.float32)  # (rgb - bg) @ _UNMIX -> (ball, player, opponent)
-_COVER_MIN = 0.1  # per-pixel coverage below this is uint8 rounding noise (which is < 0.03)
-# A ball covers some pixel by at least 3/4 of an Atari pixel (0.2 at 96 px, where a VAE's haze stays below 0.17)
-_BALL_PEAK = 0.75
-
-
-def _field_rows(h):
-    """Rows [r0, r1) of an h-row frame that touch the play field, and the white-wall fraction of each."""
-    sy = ATARI_H / h
-    r0, r1 = int(np.floor(FIELD_TOP / sy)), int(np.ceil(FIELD_BOTTOM / sy))
-    lo, hi = np.arange(r0, r1) * sy, np.arange(r0 + 1, r1 + 1) * sy
-    wall = (np.clip(FIELD_TOP - lo, 0, sy) + np.clip(hi - FIELD_BOTTOM, 0, sy)) / sy
-    return r0, r1, wall.astype(np.float32)
-
-
-def _box_sum(a, ry, rx):
-    """(n, H, W) -> (n, H, W): the sum of a over the (2ry+1) x (2rx+1) box around each pixel (zero padded)."""
-    s = np.pad(a, ((0, 0), (ry + 1, ry), (rx + 1, rx))).cumsum(1).cumsum(2)
-    ky, kx = 2 * ry + 1, 2 * rx + 1
-    return s[:, ky:, kx:] - s[:, :-ky, kx:] - s[:, ky:, :-kx] + s[:, :-ky, :-kx]
-
-
-def detect_objects(frames, chunk=1024):
-    """Find the ball and both paddles in Pong frames by colour, vectorized over any leading dims.
-
-    frames: (..., H, W, 3) uint8, a raw 210x160 frame or one area-resized from it (resize_frame).
-    Returns a dict of numpy arrays, positions in pixel-index coordinates of the given frame
-    (the centre of pixel column j is x=j), NaN where the object is absent:
-      ball_present (...,) bool, ball_xy (..., 2) float (x, y), player_y (...,), opponent_y (...,).
-    Only rows of the play field count (the walls are white like the ball, the score digits
-    share the paddle colours); wall blended into the border rows is subtracted exactly.
-    A coverage-weighted centroid gives sub-pixel positions; for the ball, only coverage within
-    8 Atari pixels of the densest spot counts, so faint haze elsewhere in a generated or reconstructed
-    frame neither drags the position nor makes a ball on its own. The player's paddle is searched in
-    the right half, the opponent's in the left half. The first frame after a reset uses another
-    palette: frames whose field is not mostly Pong's background report every object absent.
-    """
-    frames = np.asarray(frames)
-    lead, (h, w) = frames.shape[:-3], frames.shape[-3:-1]
-    flat = frames.reshape(-1, h * w, 3)
-    r0, r1, wall = _field_rows(h)
-    area = (ATARI_H / h) * (ATARI_W / w)  # input pixels per output pixel
-    ball_min, paddle_min = 0.4 * 8 / area, 4 / area  # 40% of the 2x4 ball; one row of the 4-wide paddle
-    near_r, near_c = int(8 * h / ATARI_H), int(8 * w / ATARI_W)  # the ball's neighbourhood, in pixels
-    # Every object raises the blue channel above what background (and wall, in the border
-    # rows) gives, so this threshold finds each pixel covered >= ~5% by anything; the
-    # unmixing then runs on those few pixels only.
-    blue_max = np.floor(COLOR_BACKGROUND[2] + 2.5 + wall * (COLOR_BALL[2] - COLOR_BACKGROUND[2])).astype(np.uint8)
-    bx, by, py, oy = (np.full(len(flat), np.nan, np.float32) for _ in range(4))
-    for i in range(0, len(flat), chunk):
-        f = flat[i : i + chunk]  # (B, h*w, 3)
-        n = len(f)
-        blue = f[:, r0 * w : r1 * w, 2].reshape(n, r1 - r0, w)
-        idx = np.flatnonzero(blue > blue_max[:, None])  # into (B, rows, W)
-        b, rc = np.divmod(idx, (r1 - r0) * w)
-        r, c = np.divmod(rc, w)
-        cover = (f.reshape(-1, 3)[b * h * w + (r + r0) * w + c] - np.float32(COLOR_BACKGROUND)) @ _UNMIX  # (K, 3)
-        cover[:, 0] -= wall[r]
-        cover = np.where(cover > _COVER_MIN, np.minimum(cover, 1.0), 0.0)
-        y, right = r + r0, c >= w // 2
-        # the ball is where a (2 near_r + 1) x (2 near_c + 1) box holds the most ball coverage
-        dense = np.zeros((n, r1 - r0, w), np.float32)
-        dense[b, r, c] = cover[:, 0]
-        cr, cc = np.divmod(_box_sum(dense, near_r, near_c).reshape(n, -1).argmax(1), w)
-        ball = cover[:, 0] * ((np.abs(r - cr[b]) <= near_r) & (np.abs(c - cc[b]) <= near_c))
-        peak = np.zeros(n, np.float32)
-        np.maximum.at(peak, b, ball)  # a ball is a blob, not a haze of faint pixels (as beside a blurred paddle)
-        sums = lambda weights=None, b=b, n=n: np.bincount(b, weights, minlength=n)  # per-frame sums
-        # the reset frame has another palette (its background's blue is 43, Pong's 17): no play frame
-        play = blue[:, ::2, ::2].mean((1, 2)) < 30
-        with np.errstate(invalid="ignore", divide="ignore"):
-            m = sums(weights=ball)
-            ok = (m >= ball_min) & (peak >= _BALL_PEAK / area) & play
-            bx[i : i + n] = np.where(ok, sums(weights=ball * c) / m, np.nan)
-            by[i : i + n] = np.where(ok, sums(weights=ball * y) / m, np.nan)
-            for out, cov in ((py, cover[:, 1] * right), (oy, cover[:, 2] * ~right)):
-                m = sums(weights=cov)
-                out[i : i + n] = np.where((m >= paddle_min) & play, sums(weights=cov * y) / m, np.nan)
-    return {
-        "ball_present": ~np.isnan(bx).reshape(lead),
-        "ball_xy": np.stack([bx, by], -1).reshape(*lead, 2),
-        "player_y": py.reshape(lead),
-        "opponent_y": oy.reshape(lead),
-    }

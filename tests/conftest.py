@@ -72,3 +72,30 @@ def tiny(tmp_path_factory):
     prompt = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     cv2.imwrite(str(d / "prompt.png"), prompt)
     return d
+
+
+BREAKOUT_ACTIONS = ["NOOP", "FIRE", "RIGHT", "LEFT"]
+
+
+@pytest.fixture(scope="session")
+def tiny_breakout(tiny, tmp_path_factory):
+    """The tiny model's VAE and prompt with a random 4-action DiT whose checkpoint names Breakout and its actions:
+    a game that is not Pong (the play, serve and browser tests of the key mapping)."""
+    import shutil
+
+    from dit import DiT_models
+
+    d = tmp_path_factory.mktemp("tiny_breakout")
+    for name in ("vae.pt", "prompt.png"):
+        shutil.copy(tiny / name, d / name)
+    torch.manual_seed(1)
+    dit = DiT_models["tiny"](input_h=4, input_w=4, window=4, action_dim=len(BREAKOUT_ACTIONS))
+    with torch.no_grad():  # as tiny: random output layers, so the frames depend on the actions
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    sd = dit.state_dict()
+    config = {"kind": "dit", "model": dit.config, "latent_scale": 1.0, "vae_path": "vae.pt", "game": "breakout",
+              "action_names": BREAKOUT_ACTIONS}  # fmt: skip
+    ck = {"model": sd, "ema": sd, "optimizer": {}, "step": 0, "version": utils.CKPT_VERSION, "config": config}
+    torch.save(ck, d / "dit.pt")
+    return d

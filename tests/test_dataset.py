@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset import (  # noqa: E402
-    PongDataset,
+    EpisodeDataset,
     build_latent_cache,
     latent_path,
     list_episodes,
@@ -50,7 +50,7 @@ def rec(tmp_path):
 
 def test_windows_stay_inside_episodes(rec):
     T = 4
-    ds = PongDataset(list_episodes(rec), T)
+    ds = EpisodeDataset(list_episodes(rec), T)
     assert len(ds) == sum(max(0, n - T + 1) for n in LENGTHS)
     seen = set()
     for i in range(len(ds)):
@@ -69,7 +69,7 @@ def test_windows_stay_inside_episodes(rec):
 
 def test_the_dit_sees_the_action_that_led_to_each_frame(rec):
     """Recorded actions[k] is taken after frame k; at frame j of a window the DiT is given actions[j-1]."""
-    ds = PongDataset(list_episodes(rec), 5)
+    ds = EpisodeDataset(list_episodes(rec), 5)
     batch = ds.sample(64, torch.Generator().manual_seed(0))
     frames, acts, prev = batch["frames"], batch["actions"], batch["prev_actions"]
     t = torch.round((frames[:, :, 1, 1, 1] + 1) * 127.5).long()  # (B, T) the frame index in its episode
@@ -78,7 +78,7 @@ def test_the_dit_sees_the_action_that_led_to_each_frame(rec):
     assert (acts == (t + j) % 6).all()  # actions[k] is the one recorded with frame k
     assert (prev[:, 0] == 0).all()  # the first frame of a window: unknown
     assert (prev[:, 1:].argmax(-1) == (t[:, :-1] + j[:, :-1]) % 6).all() and (prev[:, 1:].sum(-1) == 1).all()
-    np.testing.assert_array_equal(prev_actions(torch.tensor([[3, 1, 4]])).argmax(-1), [[0, 3, 1]])
+    np.testing.assert_array_equal(prev_actions(torch.tensor([[3, 1, 4]]), 6).argmax(-1), [[0, 3, 1]])
 
 
 def test_split_is_deterministic_and_disjoint(rec):
@@ -88,7 +88,7 @@ def test_split_is_deterministic_and_disjoint(rec):
     assert split_episodes(list(reversed(files)), 0.2) == (train, val)
     tr, va, size = list_split(rec, 0.2)
     assert (tr, va, size) == (train, val, 16)
-    tr_ds, va_ds = PongDataset(tr, 3), PongDataset(va, 3)
+    tr_ds, va_ds = EpisodeDataset(tr, 3), EpisodeDataset(va, 3)
     assert {tr_ds[i]["episode"] for i in range(len(tr_ds))}.isdisjoint({va_ds[i]["episode"] for i in range(len(va_ds))})
     assert split_episodes(files[:1], 0.5) == (files[:1], [])  # one episode: all train
     assert split_episodes(files[:2], 0.1)[1] != []  # two: one goes to val
@@ -99,7 +99,7 @@ def test_latent_cache(rec):
     files = list_episodes(rec)
     encode = lambda frames: torch.from_numpy(frames[:, :2, :2, :].astype(np.float32)).permute(0, 3, 1, 2)
     build_latent_cache(files, "abc", encode, chunk=4)  # chunked: episodes longer than 4 frames span chunks
-    ds = PongDataset(files, 5, latents="abc", scale=0.5)
+    ds = EpisodeDataset(files, 5, latents="abc", scale=0.5)
     assert ds.data.dtype == torch.float32 and ds.data.shape[1:] == (3, 2, 2)
     for i in range(0, len(ds), 3):
         item = ds[i]
@@ -111,10 +111,10 @@ def test_latent_cache(rec):
     assert os.path.getmtime(latent_path(files[0], "abc")) == mtime
     np.save(latent_path(files[0], "abc"), np.zeros((3, 4, 2, 2), np.float16))
     with pytest.raises(ValueError, match="episode_00000.npy"):
-        PongDataset(files, 5, latents="abc")
+        EpisodeDataset(files, 5, latents="abc")
     os.remove(latent_path(files[0], "abc"))
     with pytest.raises(FileNotFoundError, match="episode_00000.npy"):
-        PongDataset(files, 5, latents="abc")
+        EpisodeDataset(files, 5, latents="abc")
 
 
 def test_errors_name_the_file(rec, tmp_path):
@@ -130,10 +130,16 @@ def test_errors_name_the_file(rec, tmp_path):
         with pytest.raises(ValueError, match="episode_00003.npz"):
             load_episode(bad, frames=frames)
     with pytest.raises(ValueError, match="episode_00003.npz"):
-        PongDataset(list_episodes(rec), 4)
-    np.savez(bad, frames=np.zeros((3, 8, 8, 3), np.uint8), actions=np.zeros(2, np.int64))
-    with pytest.raises(ValueError, match="episode_00003.npz.*missing"):
+        EpisodeDataset(list_episodes(rec), 4)
+    np.savez(bad, frames=np.zeros((3, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="episode_00003.npz.*missing arrays \\['actions'\\]"):
         load_episode(bad)
+    np.savez(bad, frames=np.zeros((3, 8, 8, 3), np.uint8), actions=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="episode_00003.npz: frames .* do not match 2 actions"):
+        load_episode(bad)
+    np.savez(bad, frames=np.zeros((2, 8, 8, 3), np.uint8), actions=np.array([0, 6]))
+    with pytest.raises(ValueError, match="episode_00003.npz: actions outside 0..5"):
+        load_episode(bad, num_actions=6)
     atomic_write_text(os.path.join(rec, "meta.json"), "{not json")
     with pytest.raises(ValueError, match="meta.json"):
         read_meta(rec)

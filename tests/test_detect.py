@@ -1,4 +1,4 @@
-"""utils.detect_objects on real Pong frames, checked against ALE RAM and an exact-colour full-resolution detection."""
+"""pong.detect_objects on real Pong frames, checked against ALE RAM and an exact-colour full-resolution detection."""
 
 import os
 import sys
@@ -8,16 +8,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import utils  # noqa: E402
-from utils import (  # noqa: E402
-    COLOR_BALL,
-    COLOR_OPPONENT,
-    COLOR_PLAYER,
-    FIELD_BOTTOM,
-    FIELD_TOP,
-    detect_objects,
-    resize_frame,
-)
+import pong  # noqa: E402
+from pong import COLOR_BALL, COLOR_OPPONENT, COLOR_PLAYER, FIELD_BOTTOM, FIELD_TOP, detect_objects  # noqa: E402
+from utils import resize_frame  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +98,7 @@ def test_haze_neither_moves_nor_makes_a_ball(played):
     truth = exact(frames)["ball"][0]
     small = np.stack([resize_frame(f, 96) for f in frames])
     with_ball, without = small[truth == 8][:20], small[truth == 0][10:30]
-    bg, ball = np.array(utils.COLOR_BACKGROUND, np.float32), np.array(COLOR_BALL, np.float32)
+    bg, ball = np.array(pong.COLOR_BACKGROUND, np.float32), np.array(COLOR_BALL, np.float32)
 
     def haze(f, rows, cols, cover=0.15):
         f = f.astype(np.float32)

@@ -18,6 +18,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 import dataset  # noqa: E402
 import evaluate  # noqa: E402
 import metrics  # noqa: E402
+import pong  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -80,19 +81,17 @@ def test_ssim_identical_is_one_and_noise_lowers_it(heldout):
 
 def test_score_detectors_find_the_recorded_points(heldout):
     """On real frames both detectors fire within +-2 frames of every recorded point, for the right scorer."""
-    import utils
-
     n_points = 0
     for ep in heldout["eps"]:
         frames, rewards = ep["frames"], ep["rewards"]
         # rewards[k] belongs to the step that produced frames[k]; a point needs GONE frames after it to be seen
-        points = [(k, int(rewards[k] > 0)) for k in np.nonzero(rewards)[0] if k + 2 + metrics.GONE < len(frames)]
+        points = [(k, int(rewards[k] > 0)) for k in np.nonzero(rewards)[0] if k + 2 + pong.GONE < len(frames)]
         n_points += len(points)
         for digits in (False, True):
-            found = metrics.score_events(frames, utils.detect_objects(frames), digits=digits)
+            found = pong.score_events(frames, pong.detect_objects(frames), digits=digits)
             found = [e for e in found if e[0] > 1]  # frames[0] is the reset screen, drawn differently
-            assert metrics.match_events(points, found) == len(points), (digits, points, found)
-            assert metrics.match_events(found, points) == len(found), (digits, points, found)  # no false events
+            assert pong.match_events(points, found) == len(points), (digits, points, found)
+            assert pong.match_events(found, points) == len(found), (digits, points, found)  # no false events
     assert n_points >= 2, "the recording should contain points; change its seed"
 
 
@@ -127,7 +126,7 @@ def test_perfect_model_scores_perfectly(heldout, prompt):
     cfg = evaluate.EvalConfig(batch=5)
     gen = evaluate.run(Oracle(eps, points), eps, points, prompt, T, evaluate.recorded(eps, T), cfg, "oracle")
     real = evaluate.take(eps, points, 0, T + 1)
-    m = metrics.rollout_block(real, np.concatenate([real[:, :1], gen], 1), [1, 8, T])
+    m = metrics.rollout_block(real, np.concatenate([real[:, :1], gen], 1), [1, 8, T], pong=True)
     assert min(m["psnr_curve"]) > 99
     assert m["ball_presence"] == 1.0 and m["ball_spurious"] == 0.0
     assert all(v == 0 for k in ("ball", "player", "opponent") for v in m[f"{k}_error_px"].values() if np.isfinite(v))
@@ -144,8 +143,8 @@ def test_ball_hit_rate_counts_balls_within_4_px(heldout):
     points = evaluate.spread(eps, 0, T, 12)
     real = evaluate.take(eps, points, 0, T + 1)
     frozen = np.repeat(real[:, :1], T + 1, axis=1)
-    m = metrics.rollout_block(real, frozen, [1, T])
-    d = utils.detect_objects(real)
+    m = metrics.rollout_block(real, frozen, [1, T], pong=True)
+    d = pong.detect_objects(real)
     seen = d["ball_present"][:, 1:]
     near = np.linalg.norm(d["ball_xy"][:, 1:] - d["ball_xy"][:, :1], axis=-1) <= 4  # NaN: a miss
     assert seen.any() and 0 < m["ball_hit_rate"] < 1

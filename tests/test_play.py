@@ -1,5 +1,6 @@
 """play.py: headless runs on a tiny random model, recordings that generate.py replays frame for frame,
-the emulator beside the model, Ctrl-C saving the game, keyboard mapping, and one-line errors."""
+the emulator beside the model, Ctrl-C saving the game, the keys mapped from a game's action names (Pong,
+Breakout, Freeway, the full 18), and one-line errors."""
 
 import os
 import signal
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import pong
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +66,7 @@ def test_record_replays_through_generate(tiny, tmp_path, slide):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for seed, a in ((3, (actions + 1) % utils.NUM_ACTIONS), (4, actions)):
+        for seed, a in ((3, (actions + 1) % pong.NUM_ACTIONS), (4, actions)):
             engine = load_world_model(ModelConfig(ckpt=str(tiny / "dit.pt"), steps=2, seed=seed, slide=slide), "cpu")
             assert not np.array_equal(engine.rollout(prompt, a), played)
     finally:
@@ -119,6 +121,28 @@ def test_compare_runs_the_emulator_beside_the_model(tiny, tmp_path):
     assert rec["real"][1:].std() > 0
 
 
+def test_compare_plays_the_models_game(tiny_breakout, tmp_path):
+    """The emulator runs the game the checkpoint names, as the recorder does (max-pooled but in Pong); a game ALE
+    does not know is a one-line error."""
+    pytest.importorskip("ale_py")
+    import games
+
+    play(tiny_breakout, "--compare", "--headless", "--frames", "2", "--steps", "1", "--seed", "5",
+         "--record", str(tmp_path / "c.npz"))  # fmt: skip
+    env = games.AtariEnv("ALE/Breakout-v5", frameskip=4, max_pool=True)
+    first = utils.resize_frame(env.reset(seed=5)[0], 32)
+    real = [first] + [utils.resize_frame(env.step(a)[0], 32) for a in torch.load(tmp_path / "c.actions.pt")]
+    env.close()
+    assert np.array_equal(np.load(tmp_path / "c.npz")["real"], np.stack(real))
+    ck = torch.load(tiny_breakout / "dit.pt", weights_only=True)
+    ck["config"]["game"] = "nosuchgame"
+    torch.save(ck, tmp_path / "dit.pt")
+    (tmp_path / "vae.pt").symlink_to(tiny_breakout / "vae.pt")
+    r = run("play.py", "--ckpt", str(tmp_path / "dit.pt"), "--compare", "--headless", "--frames", "1", check=False)
+    assert r.returncode != 0 and r.stderr.startswith("error: --compare: the model's game: unknown game 'nosuchgame'")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_saves_the_game(tiny, tmp_path, sig, read_until):
     args = ["play.py", "--ckpt", str(tiny / "dit.pt"), "--prompt", str(tiny / "prompt.png"), "--headless",
@@ -140,24 +164,83 @@ def test_ctrl_c_saves_the_game(tiny, tmp_path, sig, read_until):
     assert n > 0 and np.load(tmp_path / "k.npz")["frames"].shape[0] == n + 1
 
 
+FULL = ["NOOP", "FIRE", "UP", "RIGHT", "LEFT", "DOWN", "UPRIGHT", "UPLEFT", "DOWNRIGHT", "DOWNLEFT", "UPFIRE",
+        "RIGHTFIRE", "LEFTFIRE", "DOWNFIRE", "UPRIGHTFIRE", "UPLEFTFIRE", "DOWNRIGHTFIRE", "DOWNLEFTFIRE"]  # fmt: skip
+
+
+def spell(game, names):
+    """-> f("up", "space", ...) = the action name those keys give in that game (play.KeyMap)."""
+    import play
+
+    keymap = play.KeyMap(game, names)
+    return lambda *keys: names[keymap(tuple(k.lower() in keys for k in play.KEYS))]
+
+
 def test_keys_map_to_pong_actions(monkeypatch):
     monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
     import play
 
-    name = lambda *keys: utils.ACTION_NAMES[play.keys_to_action(*keys)]
-    assert name(False, False, False) == "NOOP" and name(False, False, True) == "FIRE"
-    assert name(True, False, False) == "RIGHT" and name(False, True, False) == "LEFT"  # up = RIGHT = paddle up
-    assert name(True, False, True) == "RIGHTFIRE" and name(False, True, True) == "LEFTFIRE"
-    assert name(True, True, False) == "NOOP"
+    name = spell("pong", pong.ACTION_NAMES)
+    assert name() == "NOOP" and name("space") == "FIRE"
+    assert name("up") == "RIGHT" and name("down") == "LEFT"  # up = RIGHT = paddle up
+    assert name("up", "space") == "RIGHTFIRE" and name("down", "space") == "LEFTFIRE"
+    assert name("up", "down") == "NOOP" and name("up", "down", "space") == "FIRE"
+    assert name("left") == name("right") == "NOOP" and name("up", "left") == "RIGHT"  # Left/Right do nothing here
+    keymap = play.KeyMap("pong", pong.ACTION_NAMES)
+    assert keymap.keys_text() == "Up: RIGHT  Down: LEFT  Space: FIRE"
+    assert "RIGHTFIRE: Up+Space" in keymap.actions_text() and "NOOP: no key" in keymap.actions_text()
     screen = play.Screen(1, 32, 2, headless=True)
     pg = screen.pg
-    for key in (pg.K_UP, pg.K_SPACE, pg.K_p):  # taps between two frames still count
+    for key in (pg.K_UP, pg.K_RIGHT, pg.K_SPACE, pg.K_p):  # taps between two frames still count
         pg.event.post(pg.event.Event(pg.KEYDOWN, key=key))
     commands, keys = screen.poll()
-    assert commands == ["pause"] and keys == (True, False, True)
+    assert commands == ["pause"] and keys == (True, False, False, True, True)  # (up, down, left, right, fire)
     pg.event.post(pg.event.Event(pg.KEYDOWN, key=pg.K_ESCAPE))
     assert screen.poll()[0] == ["quit"]
     pg.display.quit()
+
+
+def test_keys_map_to_any_games_actions():
+    import play
+
+    breakout = spell("breakout", ["NOOP", "FIRE", "RIGHT", "LEFT"])
+    assert [breakout(), breakout("space"), breakout("right"), breakout("left")] == ["NOOP", "FIRE", "RIGHT", "LEFT"]
+    assert breakout("up", "space") == "FIRE" and breakout("down", "left") == "LEFT"  # no UP/DOWN: the rest still acts
+    assert breakout("right", "space") == "FIRE" and breakout("up") == breakout("left", "right") == "NOOP"  # Space fires
+    keys_text = play.KeyMap("breakout", ["NOOP", "FIRE", "RIGHT", "LEFT"]).keys_text()
+    assert keys_text == "Left: LEFT  Right: RIGHT  Space: FIRE"  # Up and Down do nothing: not shown
+    freeway = spell("freeway", ["NOOP", "UP", "DOWN"])
+    assert [freeway("up"), freeway("down"), freeway("space"), freeway("left")] == ["UP", "DOWN", "NOOP", "NOOP"]
+    assert freeway("up", "space") == "UP" and freeway("down", "right", "space") == "DOWN"
+    assert play.KeyMap("freeway", ["NOOP", "UP", "DOWN"]).keys_text() == "Up: UP  Down: DOWN"
+    full = spell("boxing", FULL)
+    assert full("up", "right", "space") == "UPRIGHTFIRE" and full("down", "left") == "DOWNLEFT"
+    assert full("left", "space") == "LEFTFIRE" and full("up", "down", "right") == "RIGHT"  # opposites cancel
+    assert full("up", "down", "left", "right") == "NOOP" and full("up", "down", "left", "right", "space") == "FIRE"
+    assert set(play.KeyMap("boxing", FULL).table.values()) == set(range(18))  # every action has its keys
+    # some combinations missing: the fewest keys dropped, Space kept first, then Up/Down over Left/Right
+    some = spell("some", ["NOOP", "FIRE", "UP", "RIGHT", "LEFT", "DOWN", "RIGHTFIRE", "DOWNRIGHT"])
+    assert some("up", "right", "space") == "RIGHTFIRE" and some("down", "right", "space") == "RIGHTFIRE"
+    assert some("down", "right") == "DOWNRIGHT"
+    assert some("up", "left", "space") == "FIRE" and some("up", "right") == "UP" and some("down", "space") == "FIRE"
+    # Pong's aliases are Pong's: another game with Pong's action names moves with Left/Right
+    assert spell("other", pong.ACTION_NAMES)("up") == "NOOP" and spell("other", pong.ACTION_NAMES)("right") == "RIGHT"
+
+
+def test_a_game_that_is_not_pong(tiny, tiny_breakout, tmp_path):
+    """A Breakout model: the mapping printed, its keys' actions played, --policy over its 4 actions, errors."""
+    r = play(tiny_breakout, "--headless", "--frames", "6", "--steps", "1", "--policy", "random", "--record",
+             str(tmp_path / "b.npz"))  # fmt: skip
+    assert "breakout: Left: LEFT  Right: RIGHT  Space: FIRE; every action: NOOP: no key  FIRE: Space" in r.stdout
+    actions = torch.load(tmp_path / "b.actions.pt", weights_only=True).tolist()
+    assert len(actions) == 6 and max(actions) <= 3 and len(set(actions)) > 1
+    assert "pong: Up: RIGHT  Down: LEFT  Space: FIRE;" in play(tiny, "--headless", "--frames", "1").stdout
+    torch.save(torch.tensor([3, 5]), tmp_path / "six.pt")  # Pong's LEFTFIRE: no such action in Breakout
+    for args, why in ((["--policy", "up"], "the Up arrow does nothing in this game"),
+                      (["--policy", f"file:{tmp_path / 'six.pt'}"], "must be in [0, 4)")):  # fmt: skip
+        r = play(tiny_breakout, "--headless", "--frames", "1", *args, check=False)
+        assert r.returncode != 0 and r.stderr.startswith("error:") and why in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_errors_are_one_line(tiny, tmp_path):

@@ -17,8 +17,8 @@ import utils  # noqa: E402
 
 def drawn(opponent, player, size):
     """A frame of the field with this score, drawn as the game draws it and resized as the recorder does."""
-    raw = np.empty((pong.RAW_H, pong.RAW_W, 3), np.uint8)
-    raw[:] = utils.COLOR_BACKGROUND
+    raw = np.empty((pong.ATARI_H, pong.ATARI_W, 3), np.uint8)
+    raw[:] = pong.COLOR_BACKGROUND
     pong.draw_score(raw, opponent, 0)
     pong.draw_score(raw, player, 1)
     return utils.resize_frame(raw, size)
@@ -65,7 +65,7 @@ def test_score_metrics_count_a_wrong_digit(recorded):
     gen = real.copy()
     gen[0, 20:, : pong.strip_rows(96)] = drawn(19, 19, 96)[: pong.strip_rows(96)]  # the score shown wrong from step 20
     same_score = (pong.read_score(real[0]) == pong.read_score(real[0, 0])).all()
-    held = metrics.rollout_block(real, gen, [1, 19, 20, 39])["score_held"]
+    held = metrics.rollout_block(real, gen, [1, 19, 20, 39], pong=True)["score_held"]
     assert same_score and held == {"1": 1.0, "19": 1.0, "20": 0.0, "39": 0.0}
-    read = metrics.score_read(real[0], gen[0])
+    read = pong.score_read(real[0], gen[0])
     assert read == {"score_read_opponent": 0.5, "score_read_player": 0.5}  # frames 20..39 of 0..39 wrong

@@ -42,7 +42,7 @@ def test_bf16_training_step_is_close_to_fp32():
     The forward must really run in bf16 (a linear's output is bf16), or the test proves nothing.
     """
     torch.manual_seed(0)
-    model = DiT_models["tiny"](input_h=6, input_w=6, in_channels=4, window=4, action_dim=utils.NUM_ACTIONS)
+    model = DiT_models["tiny"](input_h=6, input_w=6, in_channels=4, window=4, action_dim=6)
     with torch.no_grad():  # adaLN-Zero starts at zero output: give every weight a value
         for p in model.parameters():
             p.normal_(0, 0.05)

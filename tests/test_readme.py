@@ -88,7 +88,7 @@ DRIVER = textwrap.dedent(
     made = {}
     for name in sorted(set(os.listdir(".")) - before):
         if name.endswith(".pt"):
-            made[name] = list(engine.read_actions(name).shape)
+            made[name] = list(engine.read_actions(name, 6).shape)
         elif name.endswith((".npz", ".png")):
             made[name] = list(engine.read_prompt(name, 96).shape)
     json.dump(dict(results=results, made=made), open(out, "w"))

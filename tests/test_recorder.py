@@ -111,8 +111,9 @@ def call_main(capsys, *args):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--env-id", "ALE/NoSuchGame-v5"], "unknown --env-id"),
-        (["--env-id", "ALE/Breakout-v5"], "not Pong"),
+        (["--game", "ALE/NoSuchGame-v5"], "--game: unknown game 'ALE/NoSuchGame-v5'"),
+        (["--game", "brekout"], "did you mean breakout?"),
+        (["--game", "Breakout", "--agent", "tracker"], "--agent tracker plays Pong only"),
         (["--frame-size", "0"], "positive multiple of 8"),
         (["--frame-size", "-16"], "positive multiple of 8"),
         (["--frame-size", "100"], "positive multiple of 8 (the VAE downsamples by 8), got 100"),
@@ -170,7 +171,7 @@ def test_tracker_returns_the_ball_more_than_random(tmp_path):
 
 
 def test_count_returns():
-    from generate_dataset import count_returns
+    from pong import count_returns
 
     nan = np.nan
     hit = [122, 126, 130, 134, 138, 138, 134, 130, 126]  # the player's paddle sends it back (width 160)

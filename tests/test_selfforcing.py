@@ -31,7 +31,7 @@ def test_own_context_is_what_the_engine_generates():
     r = T - 1 - k  # real frames before the generated ones
     x0 = torch.randn(B, T, 4, 4, 4, generator=g)
     acts = torch.randint(0, 6, (B, T), generator=g)
-    cond = F.one_hot(acts, 6).float()  # the action before each frame, as PongDataset's prev_actions
+    cond = F.one_hot(acts, 6).float()  # the action before each frame, as EpisodeDataset's prev_actions
     ac = diffusion.alphas_cumprod_schedule()
     out = own_context(dit, x0, cond, k, torch.Generator().manual_seed(5), ac)
     assert torch.equal(out[:, :r], x0[:, :r]) and torch.equal(out[:, -1], x0[:, -1])

@@ -1,5 +1,6 @@
 """play.py --serve without a browser: a websocket client plays a tiny random model's game. The page, frames
-that follow the keys, bad messages, one player at a time, a dropped client, Ctrl-C and SIGTERM, errors."""
+that follow the keys (Pong's and Breakout's mappings), bad messages, one player at a time, a dropped client,
+Ctrl-C and SIGTERM, errors."""
 
 import json
 import re
@@ -20,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 import play_web  # noqa: E402
-import utils  # noqa: E402
+import pong  # noqa: E402
 from engine import read_prompt  # noqa: E402
 
 TIMEOUT = 120  # for any one event; a busy CI machine only waits longer
@@ -57,13 +58,14 @@ def player(port, **kw):
     return connect(f"ws://127.0.0.1:{port}/ws", proxy=None, open_timeout=TIMEOUT, **kw)
 
 
-def next_frame(ws):
-    """The next frame -> (number, seq, action name, pixels); control texts in between are skipped."""
+def next_frame(ws, names=pong.ACTION_NAMES):
+    """The next frame -> (number, seq, action name, pixels); control texts in between are skipped. names: the
+    model's actions (the tiny model's are Pong's)."""
     while True:
         m = ws.recv(timeout=TIMEOUT)
         if isinstance(m, bytes):
             number, seq, action = play_web.FRAME_HEADER.unpack_from(m)
-            return number, seq, utils.ACTION_NAMES[action], m[play_web.FRAME_HEADER.size :]
+            return number, seq, names[action], m[play_web.FRAME_HEADER.size :]
 
 
 def pixels(payload, size=32):
@@ -75,15 +77,15 @@ def pixels(payload, size=32):
     return np.frombuffer(payload, np.uint8).reshape(size, size, 3)
 
 
-def frame_after(ws, seq):
+def frame_after(ws, seq, names=pong.ACTION_NAMES):
     """The first frame whose action came from key message `seq` or a later one."""
-    while (f := next_frame(ws))[1] < seq:
+    while (f := next_frame(ws, names))[1] < seq:
         pass
     return f
 
 
-def keys(ws, seq, up=False, down=False, fire=False):
-    ws.send(json.dumps({"keys": [up, down, fire], "seq": seq}))
+def keys(ws, seq, up=False, down=False, left=False, right=False, fire=False):
+    ws.send(json.dumps({"keys": [up, down, left, right, fire], "seq": seq}))
 
 
 def test_the_page_is_self_contained(serve):
@@ -95,7 +97,7 @@ def test_the_page_is_self_contained(serve):
     assert "default-src 'none'" in headers["Content-Security-Policy"]  # the browser loads nothing from elsewhere
     assert "<canvas" in page and "image-rendering: pixelated" in page  # crisp nearest-neighbour scaling
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", page) and "@import" not in page  # nothing outside
-    for key in ("ArrowUp", "ArrowDown", "Space", "KeyR", "KeyP", "frames/s"):
+    for key in ("ArrowUp", "ArrowDown", "ArrowLeft", "ArrowRight", "Space", "KeyR", "KeyP", "frames/s"):
         assert key in page
     with pytest.raises(urllib.error.HTTPError, match="404"):
         LOCAL.open(f"http://127.0.0.1:{port}/secrets")
@@ -107,7 +109,9 @@ def test_frames_follow_the_keys(serve, tiny):
     p, port, _ = serve()
     with player(port) as ws:
         hello = json.loads(ws.recv(timeout=TIMEOUT))
-        assert hello["size"] == 32 and hello["actions"] == utils.ACTION_NAMES and hello["format"] == "png"
+        assert hello["size"] == 32 and hello["actions"] == pong.ACTION_NAMES and hello["format"] == "png"
+        assert hello["game"] == "pong" and hello["keys"] == "Up: RIGHT  Down: LEFT  Space: FIRE"  # the page shows them
+        assert "RIGHTFIRE: Up+Space" in hello["every"]
         first = next_frame(ws)
         assert first[0] == 0 and np.array_equal(pixels(first[3]), read_prompt(str(tiny / "prompt.png"), 32)[0])
         assert [next_frame(ws)[2] for _ in range(3)] == ["NOOP"] * 3
@@ -117,8 +121,8 @@ def test_frames_follow_the_keys(serve, tiny):
         assert {next_frame(ws)[2] for _ in range(3)} == {"RIGHT"}  # held: it stays
         keys(ws, 2, down=True, fire=True)
         assert frame_after(ws, 2)[2] == "LEFTFIRE"
-        keys(ws, 3)
-        assert frame_after(ws, 3)[2] == "NOOP"
+        keys(ws, 3, right=True, fire=True)  # Left/Right do nothing in Pong
+        assert frame_after(ws, 3)[2] == "FIRE"
         keys(ws, 4, up=True)  # a tap, released at once: it still counts for the next frame
         keys(ws, 5)
         assert frame_after(ws, 4)[2] == "RIGHT" and frame_after(ws, 5)[2] == "NOOP"
@@ -134,13 +138,33 @@ def test_frames_follow_the_keys(serve, tiny):
         assert next_frame(ws)[2] == "NOOP"
 
 
+def test_keys_play_breakout(read_until, tiny_breakout):
+    """A model of another game: the hello names its actions and keys, which the frames' actions follow."""
+    p, port, seen = start(read_until, tiny_breakout)
+    names = ["NOOP", "FIRE", "RIGHT", "LEFT"]
+    try:
+        assert "breakout: Left: LEFT  Right: RIGHT  Space: FIRE" in seen  # printed at start-up too
+        with player(port) as ws:
+            hello = json.loads(ws.recv(timeout=TIMEOUT))
+            assert hello["game"] == "breakout" and hello["actions"] == names
+            assert hello["keys"] == "Left: LEFT  Right: RIGHT  Space: FIRE"
+            for seq, (pressed, want) in enumerate([({"left": True}, "LEFT"), ({"up": True, "fire": True}, "FIRE"),
+                                                   ({"right": True}, "RIGHT"), ({"up": True}, "NOOP")], 1):  # fmt: skip
+                keys(ws, seq, **pressed)
+                assert frame_after(ws, seq, names)[2] == want, pressed
+    finally:
+        p.kill()
+        p.communicate()
+
+
 def test_bad_messages_are_ignored(serve, read_until):
     p, port, _ = serve()
     bad = [b"\x00\xff binary", "not json", "[" * 1000, "null", "[]", json.dumps({"keys": "up", "seq": 1}),
-           json.dumps({"keys": [1, 0, 0], "seq": 1}), json.dumps({"keys": [True, False], "seq": 1}),
-           json.dumps({"keys": [True, False, False], "seq": -1}), json.dumps({"keys": [True, False, False]}),
-           json.dumps({"keys": [True, False, False], "seq": 2**40}), json.dumps({"cmd": "quit"}),
-           json.dumps({"keys": [True, False, False], "seq": 1, "pad": "x" * 10_000})]  # fmt: skip
+           json.dumps({"keys": [1, 0, 0, 0, 0], "seq": 1}), json.dumps({"keys": [True, False], "seq": 1}),
+           json.dumps({"keys": [True, False, False], "seq": 1}),  # the three keys (up, down, fire) of before
+           json.dumps({"keys": [True] + [False] * 4, "seq": -1}), json.dumps({"keys": [True] + [False] * 4}),
+           json.dumps({"keys": [True] + [False] * 4, "seq": 2**40}), json.dumps({"cmd": "quit"}),
+           json.dumps({"keys": [True] + [False] * 4, "seq": 1, "pad": "x" * 10_000})]  # fmt: skip
     with player(port) as ws:
         ws.recv(timeout=TIMEOUT)
         for m in bad:
@@ -174,7 +198,7 @@ def test_one_player_at_a_time_and_a_dropped_player_frees_the_game(serve, read_un
         read_until(p, p.stdout, r"wrote \S+g\.actions\.pt", TIMEOUT)  # the player left; its game is saved
         actions = torch.load(tmp_path / "g.actions.pt", weights_only=True)
         assert np.load(tmp_path / "g.npz")["frames"].shape[0] == len(actions) + 1
-        assert utils.ACTION_NAMES.index("RIGHT") in actions.tolist()
+        assert pong.ACTION_NAMES.index("RIGHT") in actions.tolist()
     with player(port) as third:  # the next player gets a new game from the prompt
         third.recv(timeout=TIMEOUT)
         assert next_frame(third)[0] == 0 and next_frame(third)[0] > 0
@@ -205,7 +229,7 @@ def test_signals_stop_the_server_and_save_the_game(serve, read_until, tiny, tmp_
     assert len(played) == len(actions) + 1 and {2, 3} <= set(actions.tolist())
     for number, _, action, payload in sent:  # what went out is the game: its frames, and the actions behind them
         assert np.array_equal(pixels(payload), played[number])
-        assert utils.ACTION_NAMES[actions[number - 1]] == action
+        assert pong.ACTION_NAMES[actions[number - 1]] == action
     if sig == signal.SIGTERM:  # the served game replays bit for bit through generate.py, as play.py's do
         again = replay(tiny, tmp_path / "r.npz", tmp_path / "k.actions.pt", 3, 1, len(played), "chunk",
                        prompt=tmp_path / "k.prompt.png")  # fmt: skip

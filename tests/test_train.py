@@ -551,7 +551,7 @@ def test_fg_mask_colour_marks_the_score_digits_and_not_the_walls(tmp_path):
     fg = task.foreground(x, task.background, task.changes)[:, 0]
     fg_median = median.foreground(x, median.background, median.changes)[:, 0]
     rows = pong.strip_rows(32)
-    drawn = (x - torch.tensor(utils.COLOR_BACKGROUND).view(3, 1, 1) / 127.5 + 1).abs().amax(1) > 0.1
+    drawn = (x - torch.tensor(pong.COLOR_BACKGROUND).view(3, 1, 1) / 127.5 + 1).abs().amax(1) > 0.1
     digits = drawn[:, :rows] & task.changes[0, :rows]
     assert digits.sum() > 0 and fg[:, :rows][digits].all()  # every drawn digit pixel
     assert fg[:, :rows].sum() > fg_median[:, :rows].sum()  # more than the median mask marks there

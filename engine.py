@@ -12,6 +12,7 @@ previous frame on a second thread. Oasis's sampler instead re-runs the whole win
 NaiveWorldModel does that, for comparison (bench.py) and for the equality test.
 """
 
+import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class ModelConfig:
     device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
     precision: str = arg(
         "auto",
-        "auto | fp32 | bf16 (autocast; auto: engine.AUTO_CPU_BF16 on a CPU with fast bf16, fp32 elsewhere)",
+        "auto | fp32 | bf16 (bf16 weights, autocast; auto: engine.AUTO_CPU_BF16 on a CPU with fast bf16, else fp32)",
         choices=list(utils.PRECISIONS),
     )
     ema: bool = arg(True, "use the EMA weights")
@@ -183,6 +184,17 @@ def read_prompt(path, size):
     return utils.resize_frame(img, size)[None]
 
 
+def bf16_copy(module):
+    """The module with its weights in bf16: itself if they already are, else a copy. Buffers (the timestep
+    frequencies, positional tables) stay fp32: a timestep of 999 times a bf16 frequency loses its phase."""
+    if all(p.dtype == torch.bfloat16 for p in module.parameters()):
+        return module
+    module = copy.deepcopy(module)
+    for p in module.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return module
+
+
 class WorldModel:
     """A playable game: reset() with prompt frames, then step(actions) returns the next frames.
 
@@ -197,10 +209,15 @@ class WorldModel:
             raise ValueError(f"slide must be one of {SLIDES}, found {slide!r}")
         if cuda_graph and (torch.device(device).type != "cuda" or slide == "stream" or type(self) is not WorldModel):
             raise ValueError("CUDA graphs need device cuda, the cached sampler and an exact or chunk slide")
+        # "bf16": the engine's own bf16 copy of the DiT and the VAE (no weight casts at each call), run under
+        # autocast (norms, softmax in fp32); the sampler's maths stays fp32. Issue #25: the copy, not autocast
+        # alone, is what makes batch-1 play faster on a CPU (docs/speed.md).
+        if precision == "bf16":
+            dit, vae = bf16_copy(dit), bf16_copy(vae)
         self.dit, self.vae, self.scale, self.device = dit, vae, latent_scale, torch.device(device)
         self.slide, self.guidance, self.context_noise = slide, float(guidance), int(context_noise)
         self.cuda_graph, self.runner = cuda_graph, None
-        self.precision = precision  # "bf16": the DiT and the VAE run under autocast; the sampler's maths stays fp32
+        self.precision = precision
         self.window, self.num_actions = dit.window, dit.action_dim
         self.game, self.action_names = "unknown", [str(i) for i in range(self.num_actions)]
         self.ac = diffusion.alphas_cumprod_schedule().to(self.device)

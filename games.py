@@ -4,6 +4,7 @@
     env = AtariEnv(env_id, frameskip=4, max_pool=True)
     names = env.action_names                     # the minimal action set: ['NOOP', 'FIRE', 'RIGHT', 'LEFT']
     game, names = from_config(checkpoint_config)  # what a model was trained on (Pong before issue #28)
+    keymap = KeyMap(game, names); keymap((up, down, left, right, fire))  # play.py's keys -> an action index
 
 The same action index means different things in different games (2 is RIGHT in Pong, UP in
 Boxing), so a recording's meta.json and every checkpoint store the game and its action names, and
@@ -14,6 +15,8 @@ Flicker: many games draw some objects on alternate frames (SpaceInvaders' shots,
 max_pool a step returns the pixel-wise max of its last two raw frames, as DIAMOND, IRIS and
 DreamerV3 record; without it, the last raw frame (ALE v5's default).
 """
+
+import itertools
 
 import numpy as np
 
@@ -105,6 +108,64 @@ class AtariEnv:
 
     def close(self):
         self.env.close()
+
+
+# -----------------------------------------------------------------------------
+# the keyboard: play.py's arrows and Space spell a game's actions
+
+
+KEYS = ("Up", "Down", "Left", "Right", "Space")  # a key state is (up, down, left, right, fire), in this order
+WORDS = ("UP", "DOWN", "LEFT", "RIGHT", "FIRE")  # the part of an ALE action name each key stands for
+
+
+class KeyMap:
+    """The arrows and Space -> a game's actions, built once from its name and action names: a key state spells
+    UP/DOWN + RIGHT/LEFT + FIRE (opposite arrows cancel); where the game lacks that name, the longest name spelled
+    by fewer of the keys, Space kept first, then Up/Down, so that a pressed Space fires (Breakout has no UP or
+    RIGHTFIRE: Up+Space and Right+Space are FIRE); NOOP when none is left."""
+
+    def __init__(self, game, action_names):
+        self.names = list(action_names)
+        aliases = {}
+        if game == "pong":
+            import pong
+
+            aliases = pong.KEY_ALIASES
+        self.words = [aliases.get(w, w) for w in WORDS]
+        self.table = {keys: self._spell(keys) for keys in itertools.product((False, True), repeat=len(KEYS))}
+        self.noop = self.table[(False,) * len(KEYS)]
+
+    def _spell(self, keys):
+        held = {w for k, w in zip(keys, self.words) if k and w}
+        for pair in ({"UP", "DOWN"}, {"LEFT", "RIGHT"}):
+            if pair <= held:
+                held -= pair
+        parts = [w for w in ("FIRE", "UP", "DOWN", "RIGHT", "LEFT") if w in held]  # kept first on a tie
+        for n in range(len(parts), 0, -1):  # the fewest parts dropped
+            for kept in itertools.combinations(parts, n):
+                name = "".join(w for w in ("UP", "DOWN", "RIGHT", "LEFT", "FIRE") if w in kept)  # ALE's order
+                if name in self.names:
+                    return self.names.index(name)
+        return self.names.index("NOOP") if "NOOP" in self.names else 0
+
+    def __call__(self, keys):
+        """(up, down, left, right, fire) -> action index."""
+        return self.table[tuple(bool(k) for k in keys)]
+
+    def key(self, name):
+        """A key alone ("Up", ..., "Space") -> the action index it gives."""
+        return self(tuple(k == name for k in KEYS))
+
+    def keys_text(self):
+        """What each key does alone, e.g. Pong's "Up: RIGHT  Down: LEFT  Space: FIRE"; keys that do nothing left out."""
+        return "  ".join(f"{k}: {self.names[self.key(k)]}" for k in KEYS if self.key(k) != self.noop) or "no key acts"
+
+    def actions_text(self):
+        """Every action and the fewest keys that give it, e.g. "... RIGHTFIRE: Up+Space ..."."""
+        how = {}
+        for keys in sorted(self.table, key=sum):  # fewest keys first
+            how.setdefault(self.table[keys], "+".join(k for k, held in zip(KEYS, keys) if held) or "no key")
+        return "  ".join(f"{name}: {how.get(i, '(no key)')}" for i, name in enumerate(self.names))
 
 
 def from_config(config):

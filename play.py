@@ -18,7 +18,7 @@ In a web browser (a headless server too: it prints the URL; from afar, ssh -L 80
     python play.py --serve
     python play.py --serve --port 8001 --record runs/web.mp4     # the server and page: play_web.py
 
-Controls: the arrows and Space (FIRE), mapped from the game's action names (KeyMap): the keys held spell
+Controls: the arrows and Space (FIRE), mapped from the game's action names (games.KeyMap): the keys held spell
 UP/DOWN + RIGHT/LEFT + FIRE (opposite arrows cancel; UPRIGHTFIRE where the game has it), and where the game
 lacks that action, the longest one spelled by fewer of the keys, Space kept first (Breakout has no UP and
 no RIGHTFIRE: Up+Space and Right+Space fire); no key = NOOP. Pong has no UP or DOWN: there Up = RIGHT (the
@@ -31,7 +31,6 @@ and leads to frame k+1. A key tapped between two frames still counts for the nex
 """
 
 import dataclasses
-import itertools
 import os
 import sys
 import threading
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import games
 import utils
 from engine import SAMPLE_DIR, THREADS_HELP, ModelConfig, load_world_model, read_actions, read_prompt, set_threads
 from utils import arg
@@ -77,59 +77,6 @@ class PlayConfig(ModelConfig):
         "--serve: frames as PNG (~6 KiB) or raw RGB (27 KiB), as fast here (docs/browser.md)",
         choices=["png", "raw"],
     )
-
-
-KEYS = ("Up", "Down", "Left", "Right", "Space")  # a key state is (up, down, left, right, fire), in this order
-WORDS = ("UP", "DOWN", "LEFT", "RIGHT", "FIRE")  # the part of an ALE action name each key stands for
-# Pong's action set has no UP or DOWN: RIGHT moves the player's paddle up, LEFT down. So there the Up and Down
-# arrows mean RIGHT and LEFT, and Left/Right, which would move the paddle up and down, do nothing.
-KEY_ALIASES = {"pong": {"UP": "RIGHT", "DOWN": "LEFT", "LEFT": "", "RIGHT": ""}}
-
-
-class KeyMap:
-    """The arrows and Space -> a game's actions, built once from its name and action names: a key state spells
-    UP/DOWN + RIGHT/LEFT + FIRE (opposite arrows cancel); where the game lacks that name, the longest name spelled
-    by fewer of the keys, Space kept first, then Up/Down, so that a pressed Space fires (Breakout has no UP or
-    RIGHTFIRE: Up+Space and Right+Space are FIRE); NOOP when none is left."""
-
-    def __init__(self, game, action_names):
-        self.names = list(action_names)
-        aliases = KEY_ALIASES.get(game, {})
-        self.words = [aliases.get(w, w) for w in WORDS]
-        self.table = {keys: self._spell(keys) for keys in itertools.product((False, True), repeat=len(KEYS))}
-        self.noop = self.table[(False,) * len(KEYS)]
-
-    def _spell(self, keys):
-        held = {w for k, w in zip(keys, self.words) if k and w}
-        for pair in ({"UP", "DOWN"}, {"LEFT", "RIGHT"}):
-            if pair <= held:
-                held -= pair
-        parts = [w for w in ("FIRE", "UP", "DOWN", "RIGHT", "LEFT") if w in held]  # kept first on a tie
-        for n in range(len(parts), 0, -1):  # the fewest parts dropped
-            for kept in itertools.combinations(parts, n):
-                name = "".join(w for w in ("UP", "DOWN", "RIGHT", "LEFT", "FIRE") if w in kept)  # ALE's order
-                if name in self.names:
-                    return self.names.index(name)
-        return self.names.index("NOOP") if "NOOP" in self.names else 0
-
-    def __call__(self, keys):
-        """(up, down, left, right, fire) -> action index."""
-        return self.table[tuple(bool(k) for k in keys)]
-
-    def key(self, name):
-        """A key alone ("Up", ..., "Space") -> the action index it gives."""
-        return self(tuple(k == name for k in KEYS))
-
-    def keys_text(self):
-        """What each key does alone, e.g. Pong's "Up: RIGHT  Down: LEFT  Space: FIRE"; keys that do nothing left out."""
-        return "  ".join(f"{k}: {self.names[self.key(k)]}" for k in KEYS if self.key(k) != self.noop) or "no key acts"
-
-    def actions_text(self):
-        """Every action and the fewest keys that give it, e.g. "... RIGHTFIRE: Up+Space ..."."""
-        how = {}
-        for keys in sorted(self.table, key=sum):  # fewest keys first
-            how.setdefault(self.table[keys], "+".join(k for k, held in zip(KEYS, keys) if held) or "no key")
-        return "  ".join(f"{name}: {how.get(i, '(no key)')}" for i, name in enumerate(self.names))
 
 
 def make_policy(spec, seed, keymap):
@@ -333,7 +280,7 @@ class Screen:
                 command = {pg.K_ESCAPE: "quit", pg.K_r: "restart", pg.K_p: "pause"}.get(e.key)
                 if command:
                     commands.append(command)
-        held, keys = pg.key.get_pressed(), (pg.K_UP, pg.K_DOWN, pg.K_LEFT, pg.K_RIGHT, pg.K_SPACE)  # KEYS' order
+        held, keys = pg.key.get_pressed(), (pg.K_UP, pg.K_DOWN, pg.K_LEFT, pg.K_RIGHT, pg.K_SPACE)  # games.KEYS' order
         return commands, tuple(bool(held[k]) or k in tapped for k in keys)
 
     def draw(self, panels, status):
@@ -385,7 +332,7 @@ def main(cfg):
 
     set_threads(cfg.threads, device)
     engine = load_world_model(cfg, device)
-    keymap = KeyMap(engine.game, engine.action_names)
+    keymap = games.KeyMap(engine.game, engine.action_names)
     policy = make_policy(policy_spec, cfg.seed, keymap)
     print(f"{engine.game}: {keymap.keys_text()}; every action: {keymap.actions_text()}", flush=True)
     size = engine.frame_size

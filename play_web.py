@@ -14,7 +14,7 @@ How it works. One port serves the page (GET /, play_web.html) and the game's web
 tells the page the game, its action names and what each key does. The game runs on the main thread at a
 fixed tick (play.py's --fps: 30 served), skipping the ticks it misses when the model falls behind. Each
 tick it takes the newest key state (arrows and Space, and keys tapped since the last tick), maps it to
-the game's action (play.KeyMap), steps play.Game and sends the frame as one binary message: FRAME_HEADER,
+the game's action (games.KeyMap), steps play.Game and sends the frame as one binary message: FRAME_HEADER,
 then raw RGB or a PNG. When the model is ahead of the clock the frame is sent as soon as it is decoded,
 not one tick later (play.Game's pipeline). A player's frames go through a one-frame mailbox on a sender
 thread: a slow client drops frames, and never stalls the game. One player at a time; a second gets a clear
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import games
 import play
 import utils
 from utils import arg
@@ -47,7 +48,7 @@ MAX_MESSAGE = 1024  # a longer client message is ignored (a key message is ~50 b
 MAX_SIZE = 64 * 1024  # the websocket layer closes a connection that sends a larger message (code 1009)
 BUSY = 1013  # close code "try again later": someone else is playing
 BUSY_REASON = "someone else is playing: one player at a time, reload when they are done"
-NO_KEYS = (False,) * len(play.KEYS)  # (up, down, left, right, fire)
+NO_KEYS = (False,) * len(games.KEYS)  # (up, down, left, right, fire)
 # The page's browser refuses anything from elsewhere: its inline script and style, and its own websocket.
 CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:"
 

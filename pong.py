@@ -23,6 +23,9 @@ from metrics import nanmean, share
 ACTION_NAMES = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
 NUM_ACTIONS = len(ACTION_NAMES)
 UP, DOWN = ACTION_NAMES.index("RIGHT"), ACTION_NAMES.index("LEFT")  # RIGHT moves the player's (right) paddle up
+# Pong has no UP or DOWN action, so play.py's Up and Down arrows mean RIGHT and LEFT there (games.KeyMap), and
+# Left/Right, which would move the paddle up and down, do nothing.
+KEY_ALIASES = {"UP": "RIGHT", "DOWN": "LEFT", "LEFT": "", "RIGHT": ""}
 ATARI_H, ATARI_W = 210, 160
 # Rows of the 210x160 screen that hold the play field (between the white walls).
 FIELD_TOP, FIELD_BOTTOM = 34, 194

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import games
 import pong
 import utils
 
@@ -169,11 +170,10 @@ FULL = ["NOOP", "FIRE", "UP", "RIGHT", "LEFT", "DOWN", "UPRIGHT", "UPLEFT", "DOW
 
 
 def spell(game, names):
-    """-> f("up", "space", ...) = the action name those keys give in that game (play.KeyMap)."""
-    import play
+    """-> f("up", "space", ...) = the action name those keys give in that game (games.KeyMap)."""
 
-    keymap = play.KeyMap(game, names)
-    return lambda *keys: names[keymap(tuple(k.lower() in keys for k in play.KEYS))]
+    keymap = games.KeyMap(game, names)
+    return lambda *keys: names[keymap(tuple(k.lower() in keys for k in games.KEYS))]
 
 
 def test_keys_map_to_pong_actions(monkeypatch):
@@ -186,7 +186,7 @@ def test_keys_map_to_pong_actions(monkeypatch):
     assert name("up", "space") == "RIGHTFIRE" and name("down", "space") == "LEFTFIRE"
     assert name("up", "down") == "NOOP" and name("up", "down", "space") == "FIRE"
     assert name("left") == name("right") == "NOOP" and name("up", "left") == "RIGHT"  # Left/Right do nothing here
-    keymap = play.KeyMap("pong", pong.ACTION_NAMES)
+    keymap = games.KeyMap("pong", pong.ACTION_NAMES)
     assert keymap.keys_text() == "Up: RIGHT  Down: LEFT  Space: FIRE"
     assert "RIGHTFIRE: Up+Space" in keymap.actions_text() and "NOOP: no key" in keymap.actions_text()
     screen = play.Screen(1, 32, 2, headless=True)
@@ -201,23 +201,22 @@ def test_keys_map_to_pong_actions(monkeypatch):
 
 
 def test_keys_map_to_any_games_actions():
-    import play
 
     breakout = spell("breakout", ["NOOP", "FIRE", "RIGHT", "LEFT"])
     assert [breakout(), breakout("space"), breakout("right"), breakout("left")] == ["NOOP", "FIRE", "RIGHT", "LEFT"]
     assert breakout("up", "space") == "FIRE" and breakout("down", "left") == "LEFT"  # no UP/DOWN: the rest still acts
     assert breakout("right", "space") == "FIRE" and breakout("up") == breakout("left", "right") == "NOOP"  # Space fires
-    keys_text = play.KeyMap("breakout", ["NOOP", "FIRE", "RIGHT", "LEFT"]).keys_text()
+    keys_text = games.KeyMap("breakout", ["NOOP", "FIRE", "RIGHT", "LEFT"]).keys_text()
     assert keys_text == "Left: LEFT  Right: RIGHT  Space: FIRE"  # Up and Down do nothing: not shown
     freeway = spell("freeway", ["NOOP", "UP", "DOWN"])
     assert [freeway("up"), freeway("down"), freeway("space"), freeway("left")] == ["UP", "DOWN", "NOOP", "NOOP"]
     assert freeway("up", "space") == "UP" and freeway("down", "right", "space") == "DOWN"
-    assert play.KeyMap("freeway", ["NOOP", "UP", "DOWN"]).keys_text() == "Up: UP  Down: DOWN"
+    assert games.KeyMap("freeway", ["NOOP", "UP", "DOWN"]).keys_text() == "Up: UP  Down: DOWN"
     full = spell("boxing", FULL)
     assert full("up", "right", "space") == "UPRIGHTFIRE" and full("down", "left") == "DOWNLEFT"
     assert full("left", "space") == "LEFTFIRE" and full("up", "down", "right") == "RIGHT"  # opposites cancel
     assert full("up", "down", "left", "right") == "NOOP" and full("up", "down", "left", "right", "space") == "FIRE"
-    assert set(play.KeyMap("boxing", FULL).table.values()) == set(range(18))  # every action has its keys
+    assert set(games.KeyMap("boxing", FULL).table.values()) == set(range(18))  # every action has its keys
     # some combinations missing: the fewest keys dropped, Space kept first, then Up/Down over Left/Right
     some = spell("some", ["NOOP", "FIRE", "UP", "RIGHT", "LEFT", "DOWN", "RIGHTFIRE", "DOWNRIGHT"])
     assert some("up", "right", "space") == "RIGHTFIRE" and some("down", "right", "space") == "RIGHTFIRE"

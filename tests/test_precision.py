@@ -103,3 +103,25 @@ def test_engine_in_bf16_runs_both_networks_in_bf16_and_draws_what_fp32_draws():
         torch.bfloat16
     }
     assert utils.psnr(frames["fp32"], frames["bf16"]).mean() > 40
+
+
+def test_engine_bf16_keeps_its_own_bf16_copy():
+    """--precision bf16 generates with a bf16 copy of the weights (issue #25: no cast of every weight at every
+    call); the modules it was given stay fp32 (training's sample rollouts share the EMA model), and the buffers,
+    the timestep frequencies among them, stay fp32."""
+    import engine
+    from dit import DiT_models
+    from uvit_vae import build_vae
+
+    dit = DiT_models["tiny"](input_h=4, input_w=4, in_channels=4, window=4, action_dim=3).eval()
+    vae = build_vae("pong", ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8).eval()
+    eng = engine.WorldModel(dit, vae, 1.0, "cpu", precision="bf16")
+    assert eng.dit is not dit and eng.vae is not vae
+    assert {p.dtype for p in eng.dit.parameters()} == {p.dtype for p in eng.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in dit.parameters()} == {p.dtype for p in vae.parameters()} == {torch.float32}
+    assert {b.dtype for b in eng.dit.buffers()} == {torch.float32}
+    assert engine.WorldModel(eng.dit, eng.vae, 1.0, "cpu", precision="bf16").dit is eng.dit  # no second copy
+    assert engine.WorldModel(dit, vae, 1.0, "cpu").dit is dit  # fp32: the modules as given
+    eng.reset(torch.zeros(1, 1, 32, 32, 3, dtype=torch.uint8).numpy())
+    frame = eng.step(torch.tensor([2]))
+    assert frame.shape == (1, 32, 32, 3) and frame.dtype == torch.uint8

@@ -178,9 +178,11 @@ def test_bad_messages_are_ignored(serve, read_until):
                 ws.recv(timeout=TIMEOUT)
         assert e.value.rcvd.code == 1009
     read_until(p, p.stdout, "the player left", TIMEOUT)
-    with player(port) as ws:  # and the server takes the next player
+    with player(port) as ws:  # and the server takes the next player, in a new game
         ws.recv(timeout=TIMEOUT)
-        assert next_frame(ws)[0] == 0
+        # the prompt (frame 0) is sent first; on a busy machine the first tick's frame may already have
+        # replaced it in the one-frame mailbox (the newest frame wins), so 0 or 1, never the old game's count
+        assert next_frame(ws)[0] in (0, 1) and f[0] >= 1
     assert p.poll() is None
 
 

@@ -252,7 +252,7 @@ def bench_generate(cfg, only=None):
     results = {}
     for b in [int(x) for x in cfg.gen_batches.split(",")]:
         prompt = np.zeros((b, 1, size, size, 3), np.uint8)
-        actions = torch.randint(0, 6, (b,), device=cfg.device)
+        actions = torch.randint(0, dit.action_dim, (b,), device=cfg.device)
         for label, cached, slide, pipelined in variants:
             torch.set_num_threads(threads)
             if pipelined:

@@ -25,16 +25,16 @@ import numpy as np
 import torch
 
 import utils
-from engine import SAMPLE_DIR, THREADS_HELP, ModelConfig, load_world_model, read_actions, read_prompt, set_threads
+from engine import THREADS_HELP, ModelConfig, load_world_model, read_actions, read_prompt, sample_path, set_threads
 from utils import arg
 
 
 @dataclass
 class GenerateConfig(ModelConfig):
     prompt: str = arg(
-        os.path.join(SAMPLE_DIR, "prompt.png"), "prompt frame(s): a PNG/JPG, or an .npz of uint8 (n, H, W, 3)"
+        "", "prompt frame(s): a PNG/JPG, or an .npz of uint8 (n, H, W, 3); default: the model's game's sample_data"
     )
-    actions: str = arg(os.path.join(SAMPLE_DIR, "actions_rally.pt"), "actions .pt: indices (T,) or one-hot (T, 6)")
+    actions: str = arg("", "actions .pt: indices (T,) or one-hot (T, A); default: the model's game's sample_data")
     frames: int = arg(120, "frames to write, prompt included")
     out: str = arg("runs/generated.mp4", "output: .mp4, .gif or .npz")
     fps: int = arg(15, "frames per second of the video")
@@ -67,7 +67,8 @@ def main(cfg):
         prompt, actions = ep["frames"][cfg.start : cfg.start + 1], torch.from_numpy(ep["actions"][cfg.start : end - 1])
         real = ep["frames"][cfg.start : end]
     else:
-        prompt, actions = read_prompt(cfg.prompt, engine.frame_size), read_actions(cfg.actions, engine.num_actions)
+        prompt = read_prompt(cfg.prompt or sample_path(engine.game, "prompt"), engine.frame_size)
+        actions = read_actions(cfg.actions or sample_path(engine.game, "actions"), engine.num_actions)
     n_actions = cfg.frames - 1
     if len(actions) < n_actions:  # repeat the stream to the requested length
         actions = (

@@ -43,7 +43,7 @@ import torch
 
 import games
 import utils
-from engine import SAMPLE_DIR, THREADS_HELP, ModelConfig, load_world_model, read_actions, read_prompt, set_threads
+from engine import THREADS_HELP, ModelConfig, load_world_model, read_actions, read_prompt, sample_path, set_threads
 from utils import arg
 
 COMMANDS = "R: restart   P: pause   Esc: quit"
@@ -53,7 +53,7 @@ POLICIES = "auto | keys | random | up | down | noop | file:ACTIONS.pt"
 @dataclass
 class PlayConfig(ModelConfig):
     prompt: str = arg(
-        os.path.join(SAMPLE_DIR, "prompt.png"), "prompt frame: a PNG/JPG or .npz (its last frame is used)"
+        "", "prompt frame: a PNG/JPG or .npz (its last frame is used); default: the model's game's sample_data"
     )
     seed: int = arg(0, "random seed (the model's noise, --policy random, the emulator)")
     fps: int = arg(
@@ -336,7 +336,7 @@ def main(cfg):
     policy = make_policy(policy_spec, cfg.seed, keymap)
     print(f"{engine.game}: {keymap.keys_text()}; every action: {keymap.actions_text()}", flush=True)
     size = engine.frame_size
-    prompt = None if cfg.compare else read_prompt(cfg.prompt, size)[-1:]  # (1, H, W, 3)
+    prompt = None if cfg.compare else read_prompt(cfg.prompt or sample_path(engine.game, "prompt"), size)[-1:]
     env = make_env(engine) if cfg.compare else None
     game = Game(engine, prompt, env, cfg.seed, keep=bool(cfg.record))
     if cfg.serve:  # the browser is the screen

@@ -66,7 +66,7 @@ def next_frame_block(real, gen, prev=None, pong=False):
     m = dict(psnr=float(utils.psnr(real, gen).mean()), ssim=float(ssim(real, gen).mean()), n=len(real))
     if prev is not None:
         m |= dict(moved_psnr=moved_psnr(real, gen, prev), copy_psnr=float(utils.psnr(real, prev).mean()))
-        m |= dict(copy_ssim=float(ssim(real, prev).mean()))
+        m |= dict(copy_ssim=float(ssim(real, prev).mean()), copy_moved_psnr=moved_psnr(real, prev, prev))
     if pong:
         import pong as game
 
@@ -168,7 +168,8 @@ def report(m, horizons):
     out = report_vae(m).splitlines()[:2]
     out.append(
         f"teacher-f.    PSNR {f(tf['psnr'])} dB  SSIM {f(tf['ssim'], 3)}  on moved pixels {f(tf['moved_psnr'])} dB;"
-        f"  copying the last frame: {f(tf['copy_psnr'])} dB, SSIM {f(tf['copy_ssim'], 3)}  ({tf['n']} frames)"
+        f"  copying the last frame: {f(tf['copy_psnr'])} dB, SSIM {f(tf['copy_ssim'], 3)}, on moved pixels "
+        f"{f(tf['copy_moved_psnr'])} dB  ({tf['n']} frames)"
     )
     if pong:
         out.append(

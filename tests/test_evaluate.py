@@ -127,7 +127,8 @@ def test_perfect_model_scores_perfectly(heldout, prompt):
     gen = evaluate.run(Oracle(eps, points), eps, points, prompt, T, evaluate.recorded(eps, T), cfg, "oracle")
     real = evaluate.take(eps, points, 0, T + 1)
     m = metrics.rollout_block(real, np.concatenate([real[:, :1], gen], 1), [1, 8, T], pong=True)
-    assert min(m["psnr_curve"]) > 99
+    assert min(m["psnr_curve"]) > 99 and min(m["moved_psnr"].values()) > 99
+    assert max(m["copy_psnr"].values()) < 99 and max(m["copy_moved_psnr"].values()) < 40  # the game moves
     assert m["ball_presence"] == 1.0 and m["ball_spurious"] == 0.0
     assert all(v == 0 for k in ("ball", "player", "opponent") for v in m[f"{k}_error_px"].values() if np.isfinite(v))
     for key in ("score_events", "score_digits"):
@@ -149,6 +150,10 @@ def test_ball_hit_rate_counts_balls_within_4_px(heldout):
     near = np.linalg.norm(d["ball_xy"][:, 1:] - d["ball_xy"][:, :1], axis=-1) <= 4  # NaN: a miss
     assert seen.any() and 0 < m["ball_hit_rate"] < 1
     assert m["ball_hit_rate"] == pytest.approx(near[seen].mean())
+    # frozen is the copy-the-start-frame baseline itself: every metric equals its baseline's
+    assert m["psnr"] == m["copy_psnr"] and m["moved_psnr"] == m["copy_moved_psnr"] and m["ssim"] == m["copy_ssim"]
+    tf = metrics.next_frame_block(real[:, 1], real[:, 0], prev=real[:, 0])  # next frame = the last one
+    assert tf["psnr"] == tf["copy_psnr"] and tf["moved_psnr"] == tf["copy_moved_psnr"] < 40
 
 
 def test_end_to_end_quick(heldout):

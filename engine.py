@@ -62,9 +62,9 @@ class ModelConfig:
 
 
 # Whether --precision auto generates in bf16 on a CPU that does it fast (AVX-512 BF16 or AMX). Issue #25's A/B:
-# bf16 keeps the held-out table, but at batch 1 it is no faster on this CPU (docs/speed.md), so no. On CUDA,
-# auto stays fp32 too: bf16 generation is untested there.
-AUTO_CPU_BF16 = False
+# the engine's bf16 copy of the weights keeps the held-out table and plays 1.01-1.13x as fast at batch 1 on this
+# CPU (autocast alone was 0.67-0.83x: docs/speed.md), so yes. On CUDA, auto stays fp32: untested there.
+AUTO_CPU_BF16 = True
 THREADS_HELP = "CPU threads for each of the two stages (DiT, VAE decode); 0: half the cores each"
 
 

@@ -4,8 +4,9 @@ With the bundled model (Pong; CPU is fine; a window opens):
     python play.py
 Faster / bigger, on one GPU:
     python play.py --device cuda --steps 2 --fps 30 --scale 8
-Another game's model (the checkpoint names its game and actions):
-    python play.py --ckpt runs/breakout/dit.pt --prompt data/breakout/episode_00000.npz
+Another game's model (the checkpoint names its game and actions; the prompt defaults to its sample_data/GAME/):
+    python play.py --ckpt checkpoints/breakout_dit.pt                # the bundled Breakout model
+    python play.py --ckpt runs/mine/ckpt.pt --prompt data/mine/episode_00000.npz
 Record a game, then replay its keys through generate.py (it prints the exact command; same prompt,
 seed, steps, --context-noise and --slide give the same frames, bit for bit):
     python play.py --record runs/game.mp4          # also runs/game.actions.pt, runs/game.npz, runs/game.prompt.png

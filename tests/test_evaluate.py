@@ -229,7 +229,8 @@ def test_vae_only_measures_the_decoder_and_nothing_else(heldout, tmp_path):
     m = json.loads((tmp_path / "v" / "metrics.json").read_text())
     assert "teacher_forced" not in m and "autoregressive" not in m and not (tmp_path / "v" / "metrics.png").exists()
     assert {"score_read_opponent", "score_read_player", "psnr", "ball_presence"} <= set(m["vae"])
-    assert m["precision"] == "fp32" and m["counts"] == {"vae_frames": 16} and "score read" in p.stdout
+    auto = utils.pick_precision("auto", "cpu", auto_cpu=evaluate.engines.AUTO_CPU_BF16)  # bf16 on this CPU
+    assert m["precision"] == auto and m["counts"] == {"vae_frames": 16} and "score read" in p.stdout
 
 
 def test_wrong_kind_checkpoint_is_one_line(heldout, tmp_path):

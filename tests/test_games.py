@@ -141,3 +141,14 @@ def test_bad_meta_is_one_line(tmp_path):
     np.savez(data / "episode_00000.npz", frames=np.zeros((9, 32, 32, 3), np.uint8), actions=np.full(9, 2))
     p = run("train.py", "vae", *TINY, "--data", str(data), "--out", str(tmp_path / "v"), check=False)
     assert p.returncode != 0 and "actions outside 0..1" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_dqn_agent_trains_on_the_game(tmp_path):
+    """The SB3 agents train on the recorded game, into a file named after it."""
+    agents = tmp_path / "agents"
+    run("generate_dataset.py", "--game", "Freeway", "--agent", "dqn", "--train-steps", "200", "--agent-path",
+        str(agents / "{agent}_{game}.zip"), "--episodes", "1", "--max-episode-frames", "30", "--frame-size", "32",
+        "--out", str(tmp_path / "f"))  # fmt: skip
+    assert os.listdir(agents) == ["dqn_freeway.zip"]
+    ep = np.load(tmp_path / "f" / "episode_00000.npz")
+    assert ep["agent"] == "dqn" and ep["actions"].max() < 3

@@ -152,3 +152,20 @@ def test_dqn_agent_trains_on_the_game(tmp_path):
     assert os.listdir(agents) == ["dqn_freeway.zip"]
     ep = np.load(tmp_path / "f" / "episode_00000.npz")
     assert ep["agent"] == "dqn" and ep["actions"].max() < 3
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, "checkpoints", "breakout_dit.pt")), reason="no bundle")
+def test_the_bundled_breakout_plays_with_one_command(tmp_path):
+    """checkpoints/breakout_dit.pt names its game, so its sample prompt and actions are found without flags."""
+    p = run("play.py", "--ckpt", "checkpoints/breakout_dit.pt", "--headless", "--frames", "6")
+    assert "breakout: " in p.stdout and "Left: LEFT" in p.stdout and "frames/s" in p.stdout
+    run("generate.py", "--ckpt", "checkpoints/breakout_dit.pt", "--frames", "6", "--out", str(tmp_path / "g.npz"))
+    frames = np.load(tmp_path / "g.npz")["frames"]
+    prompt = cv2_read(os.path.join(ROOT, "sample_data", "breakout", "prompt.png"))
+    assert frames.shape == (6, 96, 96, 3) and np.array_equal(frames[0], prompt)
+
+
+def cv2_read(path):
+    import cv2
+
+    return cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)

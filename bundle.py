@@ -49,26 +49,31 @@ def is_bundle(path):
 
 
 def write_samples(cfg, game):
+    """The sample files where generate.py and play.py look for them by default (engine.sample_path)."""
     import cv2
 
     import dataset
+    from engine import sample_path
 
     ep = dataset.load_episode(cfg.samples_from)
     k, n = cfg.samples_start, cfg.samples_len
-    out_dir = "sample_data" if game == "pong" else os.path.join("sample_data", game)
+    prompt, actions = sample_path(game, "prompt"), sample_path(game, "actions")
+    out_dir = os.path.dirname(prompt)
     os.makedirs(out_dir, exist_ok=True)
-    cv2.imwrite(os.path.join(out_dir, "prompt.png"), cv2.cvtColor(ep["frames"][k], cv2.COLOR_RGB2BGR))
-    recorded = torch.from_numpy(ep["actions"][k : k + n].copy())
-    files = {"actions.pt": recorded}
-    if game == "pong":
+    utils._atomic(prompt, lambda tmp: cv2.imwrite(tmp, cv2.cvtColor(ep["frames"][k], cv2.COLOR_RGB2BGR)))
+    files = {actions: torch.from_numpy(ep["actions"][k : k + n].copy())}
+    if game == "pong":  # the paddle held up or down, for generate.py --actions
         import pong
 
-        files = {"actions_rally.pt": recorded}
-        files |= {f"actions_{d}.pt": torch.full((n,), a) for d, a in (("up", pong.UP), ("down", pong.DOWN))}
-    for name, a in files.items():
-        utils.atomic_torch_save(a, os.path.join(out_dir, name))
+        files |= {
+            os.path.join(out_dir, f"actions_{d}.pt"): torch.full((n,), a)
+            for d, a in (("up", pong.UP), ("down", pong.DOWN))
+        }
+    for path, a in files.items():
+        utils.atomic_torch_save(a, path)
     shutil.copyfile(cfg.samples_from, os.path.join(out_dir, "heldout_episode.npz"))
-    print(f"wrote {out_dir}/: prompt.png (frame {k} of {cfg.samples_from}), {', '.join(files)}, heldout_episode.npz")
+    names = ", ".join(os.path.basename(p) for p in files)
+    print(f"wrote {out_dir}/: prompt.png (frame {k} of {cfg.samples_from}), {names}, heldout_episode.npz")
 
 
 def main(cfg):

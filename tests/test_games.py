@@ -62,8 +62,17 @@ def test_fire_after_reset_and_each_lost_life(tmp_path):
     meta = json.loads((tmp_path / "b" / "meta.json").read_text())
     assert meta["game"] == "breakout" and meta["action_names"] == ["NOOP", "FIRE", "RIGHT", "LEFT"]
     assert meta["max_pool"] is True and ep["ball_returns"] == -1  # Pong's ball count: not Breakout's
-    assert ep["terminated"] and ep["actions"][0] == 1  # the game ended: all 5 lives lost, served again each time
-    assert 100 < len(ep["actions"]) < 2000
+    assert ep["terminated"] and 100 < len(ep["actions"]) < 2000  # the game ended: all 5 lives lost
+    # replay the recorded actions: the action after the reset and after each lost life is FIRE (index 1)
+    env = games.AtariEnv("ALE/Breakout-v5", max_pool=True)
+    lives, serves = env.reset(seed=0)[1]["lives"], [0]
+    for k, a in enumerate(ep["actions"]):
+        info = env.step(int(a))[4]
+        if info["lives"] < lives and k + 1 < len(ep["actions"]):
+            serves.append(k + 1)
+        lives = info["lives"]
+    env.close()
+    assert len(serves) == 5 and all(ep["actions"][k] == 1 for k in serves), serves
 
 
 @pytest.mark.parametrize("game, n_actions", [("Breakout", 4), ("Freeway", 3)])

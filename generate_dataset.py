@@ -269,7 +269,7 @@ def recording_meta(cfg):
 
 def prepare_out(cfg):
     """Check --out against this config, clean stray temporary files; return the episodes to record."""
-    meta_path = os.path.join(cfg.out, "meta.json")
+    meta_path, new = os.path.join(cfg.out, "meta.json"), recording_meta(cfg)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         die(f"--out {cfg.out} exists and is not a directory")
     if os.path.isfile(meta_path):
@@ -277,7 +277,6 @@ def prepare_out(cfg):
             old = read_meta(cfg.out)
         except ValueError as e:
             die(str(e))
-        new = recording_meta(cfg)
         for key in ("env_id", "frame_size", "frameskip", "sticky", "max_pool"):
             if old.get(key, False) != new[key]:  # recordings from before --max-pool have none
                 die(f"{cfg.out} holds a recording with {key}={old.get(key)!r}, not {new[key]!r}; use another --out")
@@ -300,7 +299,7 @@ def prepare_out(cfg):
         for name in os.listdir(cfg.out):
             if name.startswith(".tmp-"):  # left by a killed run (utils' atomic writes)
                 os.remove(os.path.join(cfg.out, name))
-        atomic_write_text(meta_path, json.dumps({**recording_meta(cfg), "complete": False}, indent=1))
+        atomic_write_text(meta_path, json.dumps({**new, "complete": False}, indent=1))
     except OSError as e:
         die(f"cannot write to --out {cfg.out}: {e.strerror or e}")
     return todo

@@ -284,7 +284,7 @@ def main(cfg, argv=()):
             model=engine.dit.config,
             game=engine.game,
             action_names=engine.action_names,
-        ),  # fmt: skip
+        ),
         "counts": dict(vae_frames=len(vae_pts), tf_frames=len(tf_pts), rollouts=len(ar_pts), control=m_ctl["n"]),
         "vae": m_vae,
         "teacher_forced": m_tf,

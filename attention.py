@@ -9,8 +9,8 @@
   training it can also run over a window given twice (clean copy, then noised
   copy: teacher forcing, `clean_copy_mask`).
 
-Both use F.scaled_dot_product_attention without dropout. Imports only torch,
-einops and the project's rotary embedding.
+Both attend with `attend`: F.scaled_dot_product_attention without dropout, except
+bf16 on a CPU (see there). Imports only torch, einops and the project's rotary embedding.
 """
 
 import torch
@@ -83,6 +83,26 @@ class KVCache:
         self.length, self.offset = 0, offset
 
 
+def attend(q, k, v, mask=None, is_causal=False):
+    """F.scaled_dot_product_attention(q, k, v, mask, is_causal) with q, k, v (..., n, head_dim); mask bool, True =
+    attend. In bf16 training on a CPU it is the plain product-softmax-product (scores in fp32): there torch's fused
+    kernel takes 2-6x as long, forward and backward, on this model's short sequences (36 tokens a frame, a few
+    frames); at generation's batch 1 the fused kernel is the faster (`python bench.py --what attention`)."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not (q.requires_grad and torch.is_grad_enabled()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    return plain_attention(q, k, v, mask, is_causal)
+
+
+def plain_attention(q, k, v, mask=None, is_causal=False):
+    """softmax(q k^T / sqrt(head_dim)) v, the scores in fp32; is_causal: query i sees keys <= i."""
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (..., n_q, n_k)
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v
+
+
 def clean_copy_mask(T, device=None):
     """(2T, 2T) bool mask for a window given twice, T clean frames then the same T frames noised.
 
@@ -113,7 +133,7 @@ class SpatialAxialAttention(nn.Module):
         angles = self.rope.grid_angles(H, W).flatten(0, 1)  # (H*W, hd)
         q, k = apply_rotary_emb(angles, qkv[:2])  # q and k rotated in one go
         v = qkv[2]
-        out = F.scaled_dot_product_attention(q, k, v)  # (B*T, nh, H*W, hd)
+        out = attend(q, k, v)  # (B*T, nh, H*W, hd)
         out = rearrange(out, "(b t) nh (h w) hd -> b t h w (nh hd)", b=B, h=H)
         return self.proj(out)  # (B, T, H, W, D)
 
@@ -153,15 +173,15 @@ class TemporalAxialAttention(nn.Module):
             k, v = cache.extend(k, v)  # (B*H*W, nh, past+n, hd)
         if clean_copy:
             assert cache is None, "a clean copy is a training pass: no cache"
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=clean_copy_mask(n // 2, x.device))
+            out = attend(q, k, v, mask=clean_copy_mask(n // 2, x.device))
         elif n == 1:
-            out = F.scaled_dot_product_attention(q, k, v)  # one query sees everything: no mask
+            out = attend(q, k, v)  # one query sees everything: no mask
         elif past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = attend(q, k, v, is_causal=True)
         else:
             # new frame i (absolute past+i) sees every cached frame and new frames <= i
             mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = attend(q, k, v, mask=mask)
         if cache is not None and commit:
             assert not isinstance(commit, bool), "commit is a frame count, not a flag"
             cache.commit(commit)

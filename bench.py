@@ -27,6 +27,10 @@ the shipped shapes (DiT --train-models at --train-batch x --window, each --train
 generation frames/s at batch 1 (chunk+pipeline, as play.py runs), with the ratio.
     python bench.py --what precision --window 6 --train-models XS --train-vaes pong_cpu --train-batch 16 \
         --vae-batch 8 --gen-frames 40
+--what attention: attention.attend against F.scaled_dot_product_attention on --model's shapes (spatial: a frame's
+tokens; temporal: --window frames, causal; and one generated frame against the cached ones), fp32 and bf16; and
+rotary_embedding_torch.apply_rotary_emb against the textbook rotation on the training shapes.
+    python bench.py --what attention --window 6 --train-batch 16 --threads 1
 """
 
 import dataclasses
@@ -46,7 +50,9 @@ from uvit_vae import DECODER_CONFIGS, VAE_CONFIGS, build_vae
 
 @dataclasses.dataclass
 class BenchConfig:
-    what: str = arg("forward", "which benchmark to run", choices=["forward", "vae", "generate", "train", "precision"])
+    what: str = arg(
+        "forward", "which benchmark to run", choices=["forward", "vae", "generate", "train", "precision", "attention"]
+    )
     ckpt: str = arg("", "generate: DiT checkpoint (default: the bundled one, else a random --model with pong_cpu)")
     steps: int = arg(2, "generate: DDIM steps per frame")
     gen_frames: int = arg(24, "generate: timed frames per measurement, after the window is full")
@@ -352,7 +358,7 @@ def bench_train(cfg):
         else:
             model = build_vae(name).to(cfg.device, memory_format=torch.channels_last)
             batches = [cfg.vae_batch]
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cfg.device.startswith("cuda"))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as train.py on a CPU or CUDA
         modes = [(b, "eager") for b in batches] + ([(batches[-1], "compiled")] if cfg.compile and kind == "dit" else [])
         modes += [(b, "clean copy") for b in batches] if cfg.clean_copy and kind == "dit" else []
         flops_of = {}
@@ -423,6 +429,63 @@ def bench_precision(cfg):
 
 BENCHES = {"forward": bench_forward, "vae": bench_vae, "generate": bench_generate, "train": bench_train}
 BENCHES["precision"] = bench_precision
+
+
+def bench_attention(cfg):
+    """ms per call of F.scaled_dot_product_attention, attention.plain_attention and attention.attend (which picks one
+    of them): training (forward + backward) at --train-batch x --window, generation (forward, batch 1), fp32, bf16."""
+    from attention import attend, plain_attention
+    from rotary_embedding_torch import apply_rotary_emb
+
+    model = random_dit(cfg)
+    nh, hd, B, T = model.num_heads, model.hidden_size // model.num_heads, int(cfg.train_batch.split(",")[0]), cfg.window
+    n = model.input_h * model.input_w // model.patch_size**2  # tokens a frame
+    sdpa = lambda q, k, v, causal: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    plain = lambda q, k, v, causal: plain_attention(q, k, v, is_causal=causal)
+    ours = lambda q, k, v, causal: attend(q, k, v, is_causal=causal)
+    cases = [  # name, q shape, k/v length, causal, backward
+        (f"train spatial  {B * T}x{nh}x{n}", (B * T, nh, n, hd), n, False, True),
+        (f"train temporal {B * n}x{nh}x{T}", (B * n, nh, T, hd), T, True, True),
+        (f"  forward only", (B * n, nh, T, hd), T, True, False),
+        (f"gen spatial    1x{nh}x{n}", (1, nh, n, hd), n, False, False),
+        (f"gen temporal   {n}x{nh}x1 vs {T}", (n, nh, 1, hd), T, False, False),
+    ]
+    print(f"{'':34}{'sdpa ms':>9}{'plain ms':>10}{'attend ms':>11}  sdpa/attend   (threads {torch.get_num_threads()})")
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, shape, nk, causal, backward in cases:
+            kv = (*shape[:2], nk, shape[3])
+            q = torch.randn(shape, dtype=dtype, device=cfg.device, requires_grad=backward)
+            k, v = (torch.randn(kv, dtype=dtype, device=cfg.device, requires_grad=backward) for _ in range(2))
+
+            def call(fn):
+                out = fn(q, k, v, causal)
+                if backward:
+                    out.float().sum().backward()
+
+            with torch.set_grad_enabled(backward):  # alternated, best of 3: this machine's speed drifts
+                runs = [[timeit(lambda fn=fn: call(fn), cfg) for fn in (sdpa, plain, ours)] for _ in range(3)]
+            a, p, b = (min(t) for t in zip(*runs))
+            print(f"{str(dtype)[6:]:9}{name:25}{a * 1e3:9.2f}{p * 1e3:10.2f}{b * 1e3:11.2f}{a / b:9.2f}x")
+    print(f"\n{'RoPE on q and k, forward + backward':34}{'textbook':>9}{'ours ms':>10}{'ratio':>9}")
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, shape, length in (("spatial", (2, B * T, nh, n, hd), n), ("temporal", (2, B * n, nh, T, hd), T)):
+            angles = torch.rand(length, hd // 2, device=cfg.device).repeat_interleave(2, -1) * 6
+            x = torch.randn(shape, dtype=dtype, device=cfg.device, requires_grad=True)
+            call = lambda fn: fn(angles, x).float().sum().backward()
+            runs = [[timeit(lambda fn=fn: call(fn), cfg) for fn in (textbook_rope, apply_rotary_emb)] for _ in range(3)]
+            a, b = (min(t) for t in zip(*runs))
+            print(f"{str(dtype)[6:]:9}{name:25}{a * 1e3:9.2f}{b * 1e3:10.2f}{a / b:8.2f}x")
+
+
+def textbook_rope(angles, t):
+    """The naive rotation apply_rotary_emb replaces: x cos + rotate_half(x) sin, in float32."""
+    x = t.float()
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    half = torch.stack((-x1, x0), dim=-1).flatten(-2)
+    return (x * angles.cos() + half * angles.sin()).to(t.dtype)
+
+
+BENCHES["attention"] = bench_attention
 
 
 def main(cfg):

@@ -20,25 +20,22 @@ import torch
 from torch import nn
 
 
-def rotate_half(x):
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): a 90-degree turn of each interleaved pair."""
-    x = x.unflatten(-1, (-1, 2))
-    x1, x2 = x.unbind(-1)
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
 def apply_rotary_emb(freqs, t):
     """Rotate the first freqs.shape[-1] features of t by the angles `freqs`; the rest pass through.
 
-    freqs: (..., rot_dim) angles, broadcastable against t[..., :rot_dim]
+    freqs: (..., rot_dim) angles, each repeated for its interleaved feature pair (x0, x1), as RotaryEmbedding
+           makes them; broadcastable against t[..., :rot_dim]
     t:     (..., D) with D >= rot_dim. Computed in float32, returned in t's dtype.
+
+    Each pair turns as the complex number x0 + i x1 times e^(i angle): one kernel each way, 3-4x faster on a
+    CPU than the textbook x cos + rotate_half(x) sin (`python bench.py --what attention`).
     """
     rot_dim = freqs.shape[-1]
     t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
-    freqs = freqs.float()
-    x = t_rot.float()
-    out = x * freqs.cos() + rotate_half(x) * freqs.sin()
-    out = out.to(t.dtype)
+    angles = freqs[..., ::2].float()
+    turn = torch.polar(torch.ones_like(angles), angles)  # (..., rot_dim / 2) complex
+    pairs = torch.view_as_complex(t_rot.float().unflatten(-1, (-1, 2)).contiguous())
+    out = torch.view_as_real(pairs * turn).flatten(-2).to(t.dtype)
     if t_pass.shape[-1] == 0:
         return out
     return torch.cat((out, t_pass), dim=-1)

@@ -94,6 +94,11 @@ class VAEConfig(TrainConfig):
     )
     decoder_only: bool = arg(False, "with --init, train only the decoder: the latents (and a DiT on them) stay valid")
     decoder: str = arg("", "with --decoder-only, a new decoder of this uvit_vae.DECODER_CONFIGS size")
+    latent_noise: float = arg(
+        0.0,
+        "with --decoder-only: decode latents plus Gaussian noise of a random std up to this (the DiT's scaled units), "
+        "so that a generated latent a little off still decodes to the frame it is near",
+    )
 
 
 @dataclass
@@ -230,9 +235,8 @@ def start(kind, cfg, task, world, gen):
     model, ckpt_path = task.model, os.path.join(cfg.out, "ckpt.pt")
     ema = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=params[0].is_cuda
-    )
+    fused = params[0].device.type in ("cuda", "cpu")  # one kernel for all parameters: 3x faster on this CPU too
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=fused)
     config = {"kind": kind, "model": task.model_config, "train": dataclasses.asdict(cfg), "world_size": world}
     config |= task.extra_config
     step, elapsed = 0, 0.0

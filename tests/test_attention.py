@@ -1,8 +1,9 @@
-"""Axial attention: temporal causality, KV cache equal to the full forward, trim = shifted window."""
+"""Axial attention: temporal causality, KV cache equal to the full forward, trim = shifted window, attend."""
 
+import pytest
 import torch
 
-from attention import KVCache, SpatialAxialAttention, TemporalAxialAttention
+from attention import KVCache, SpatialAxialAttention, TemporalAxialAttention, attend, plain_attention
 
 B, T, H, W, D, HEADS = 2, 8, 3, 2, 32, 2
 
@@ -92,3 +93,33 @@ def test_large_offsets_keep_accuracy():
     cache.offset = 5000
     outs = [attn(x[:, t : t + 1], cache=cache, commit=1) for t in range(T)]
     assert torch.allclose(torch.cat(outs, 1), attn(x), atol=1e-5)
+
+
+def test_plain_attention_equals_sdpa_and_bf16_training_takes_it(monkeypatch):
+    """attend = F.scaled_dot_product_attention everywhere (values and gradients), but bf16 training on a CPU runs
+    plain_attention (the fused kernel is slow there): checked by making the fused kernel fail on that path."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8) for _ in range(3))
+    mask = torch.rand(5, 5) > 0.3
+    mask.fill_diagonal_(True)  # every query sees something
+    for kw in ({}, {"is_causal": True}, {"mask": mask}):
+        sdpa_kw = {"attn_mask": kw["mask"]} if "mask" in kw else kw
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, **sdpa_kw)
+        assert torch.allclose(plain_attention(q, k, v, **kw), ref, atol=1e-5), kw
+    # bf16 with gradients: the plain path, close to fp32's result and gradients
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ref_q = q.clone().requires_grad_()
+    sdpa(ref_q, k, v, is_causal=True).square().sum().backward()
+    q16 = q.bfloat16().requires_grad_()
+
+    def fused(*a, **kw):
+        raise AssertionError("the fused kernel ran")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", fused)
+    out = attend(q16, k.bfloat16(), v.bfloat16(), is_causal=True)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), sdpa(q, k, v, is_causal=True), atol=0.05)
+    assert torch.nn.functional.cosine_similarity(q16.grad.float().flatten(), ref_q.grad.flatten(), dim=0) > 0.99
+    with torch.no_grad(), pytest.raises(AssertionError, match="fused"):  # generation (no grad) keeps the fused one
+        attend(q16, k.bfloat16(), v.bfloat16())

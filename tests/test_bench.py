@@ -31,6 +31,16 @@ def test_train_table_has_a_row_per_model():
     assert 1.8 < flops[1] / flops[0] < 2.6  # --clean-copy's pass runs the window twice
 
 
+def test_attention_rows_time_three_kernels_in_two_dtypes():
+    out = bench("--what", "attention", "--window", "4", "--train-batch", "2")
+    attn, rope = out.split("RoPE")
+    rows = [line.split() for line in attn.splitlines() if line.startswith(("float32", "bfloat16"))]
+    assert len(rows) == 10 and {r[0] for r in rows} == {"float32", "bfloat16"}
+    assert all(float(x) > 0 for r in rows for x in r[-4:-1])  # sdpa, plain, attend ms
+    rows = [line.split() for line in rope.splitlines() if line.startswith(("float32", "bfloat16"))]
+    assert len(rows) == 4 and all(float(x) > 0 for r in rows for x in r[-3:-1])  # textbook, ours ms
+
+
 def test_forward_runs():
     out = bench("--what", "forward")
     assert "cached step" in out and "naive window" in out

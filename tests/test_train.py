@@ -423,6 +423,32 @@ def test_decoder_finetune_keeps_the_encoder(pipeline, tmp_path):
     one_line_error(run(*args, "--init", pipeline["dit"], "--out", str(tmp_path / "y"), check=False), "'dit'")
 
 
+def test_latent_noise_decodes_noised_latents(pipeline, tmp_path):
+    """--latent-noise S (issue #26): the decoder trains on the posterior mean plus Gaussian noise of a random std
+    up to S in the DiT's scaled units (so up to S / scaling_factor unscaled); 0 decodes the mean as it is."""
+    import dataclasses
+
+    from tasks import VAETask
+    from train import VAEConfig
+
+    cfg = VAEConfig(data=pipeline["data"], model="tiny", init=pipeline["vae"], decoder_only=True, batch_size=16)
+    seen = []
+    for noise in (0.0, 3.0):
+        task = VAETask(dataclasses.replace(cfg, latent_noise=noise), torch.device("cpu"), True)
+        hook = task.model.post_quant_conv.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+        x = task.train.sample(16, torch.Generator().manual_seed(0))["frames"][:, 0]
+        mean = task.model.encode(x).mean.detach()
+        task.loss(task.model, torch.Generator().manual_seed(0))  # draws the same batch x
+        hook.remove()
+        seen[-1] = (seen[-1] - mean) * task.init_scaling  # the added noise, in scaled units
+    assert torch.equal(seen[0], torch.zeros_like(seen[0]))
+    std = seen[1].flatten(1).std(1)  # one std a frame, uniform in (0, 3)
+    assert 0 < std.min() < std.max() < 3.3 and std.max() > 1.0 and std.std() > 0.2
+    args = ["train.py", "vae", "--preset", "tiny", "--data", pipeline["data"], "--wandb", "disabled"]
+    bad = run(*args, "--init", pipeline["vae"], "--latent-noise", "0.1", "--out", str(tmp_path / "x"), check=False)
+    one_line_error(bad, "--decoder-only")
+
+
 def test_lighter_decoder_keeps_the_encoder(pipeline, tmp_path):
     """--decoder lite: a new, smaller decoder learns against the frozen encoder; generation loads it."""
     from engine import load_vae

@@ -446,7 +446,7 @@ def bench_attention(cfg):
     cases = [  # name, q shape, k/v length, causal, backward
         (f"train spatial  {B * T}x{nh}x{n}", (B * T, nh, n, hd), n, False, True),
         (f"train temporal {B * n}x{nh}x{T}", (B * n, nh, T, hd), T, True, True),
-        (f"  forward only", (B * n, nh, T, hd), T, True, False),
+        ("  forward only", (B * n, nh, T, hd), T, True, False),
         (f"gen spatial    1x{nh}x{n}", (1, nh, n, hd), n, False, False),
         (f"gen temporal   {n}x{nh}x1 vs {T}", (n, nh, 1, hd), T, False, False),
     ]
@@ -456,25 +456,35 @@ def bench_attention(cfg):
             kv = (*shape[:2], nk, shape[3])
             q = torch.randn(shape, dtype=dtype, device=cfg.device, requires_grad=backward)
             k, v = (torch.randn(kv, dtype=dtype, device=cfg.device, requires_grad=backward) for _ in range(2))
-
-            def call(fn):
-                out = fn(q, k, v, causal)
-                if backward:
-                    out.float().sum().backward()
-
-            with torch.set_grad_enabled(backward):  # alternated, best of 3: this machine's speed drifts
-                runs = [[timeit(lambda fn=fn: call(fn), cfg) for fn in (sdpa, plain, ours)] for _ in range(3)]
-            a, p, b = (min(t) for t in zip(*runs))
+            with torch.set_grad_enabled(backward):
+                a, p, b = best_alternated(
+                    cfg, [(run_attention, f, q, k, v, causal, backward) for f in (sdpa, plain, ours)]
+                )
             print(f"{str(dtype)[6:]:9}{name:25}{a * 1e3:9.2f}{p * 1e3:10.2f}{b * 1e3:11.2f}{a / b:9.2f}x")
     print(f"\n{'RoPE on q and k, forward + backward':34}{'textbook':>9}{'ours ms':>10}{'ratio':>9}")
     for dtype in (torch.float32, torch.bfloat16):
         for name, shape, length in (("spatial", (2, B * T, nh, n, hd), n), ("temporal", (2, B * n, nh, T, hd), T)):
             angles = torch.rand(length, hd // 2, device=cfg.device).repeat_interleave(2, -1) * 6
             x = torch.randn(shape, dtype=dtype, device=cfg.device, requires_grad=True)
-            call = lambda fn: fn(angles, x).float().sum().backward()
-            runs = [[timeit(lambda fn=fn: call(fn), cfg) for fn in (textbook_rope, apply_rotary_emb)] for _ in range(3)]
-            a, b = (min(t) for t in zip(*runs))
+            a, b = best_alternated(cfg, [(run_rope, f, angles, x) for f in (textbook_rope, apply_rotary_emb)])
             print(f"{str(dtype)[6:]:9}{name:25}{a * 1e3:9.2f}{b * 1e3:10.2f}{a / b:8.2f}x")
+
+
+def best_alternated(cfg, calls):
+    """Seconds a call for each (fn, *args) in calls: the best of 3 rounds, the calls alternated in each (this
+    machine's speed drifts)."""
+    runs = [[timeit(functools.partial(*c), cfg) for c in calls] for _ in range(3)]
+    return [min(t) for t in zip(*runs)]
+
+
+def run_attention(fn, q, k, v, causal, backward):
+    out = fn(q, k, v, causal)
+    if backward:
+        out.float().sum().backward()
+
+
+def run_rope(fn, angles, x):
+    fn(angles, x).float().sum().backward()
 
 
 def textbook_rope(angles, t):

@@ -53,9 +53,9 @@ def eps_from_v(x_t, v, t, ac):
     return (1 - ab).sqrt() * x_t + ab.sqrt() * v
 
 
-def ddim_timesteps(steps, timesteps=NUM_TIMESTEPS):
-    """Descending integer timesteps for a `steps`-step DDIM sampler, starting at T-1."""
-    return torch.linspace(timesteps - 1, 0, steps + 1).round().long()[:-1].tolist() + [-1]
+def ddim_timesteps(steps, start=NUM_TIMESTEPS - 1):
+    """Descending integer timesteps for a `steps`-step DDIM sampler, starting at `start` (T-1: pure noise)."""
+    return torch.linspace(start, 0, steps + 1).round().long()[:-1].tolist() + [-1]
 
 
 def ddim_step(x_t, v, t, t_next, ac):

@@ -48,6 +48,11 @@ class ModelConfig:
     vae: str = arg("", "VAE checkpoint; default: the one the DiT checkpoint records")
     steps: int = arg(2, "DDIM denoising steps per frame (2: better than 1 or 4 held out; docs/experiments.md)")
     context_noise: int = arg(0, "noise level (0..999) the context frames are labelled and stabilised with")
+    warm_start: int = arg(
+        0,
+        "start each frame from the previous one noised to this level (1..999; SDEdit) instead of from pure noise "
+        "(0); the DDIM steps then run from this level down",
+    )
     guidance: float = arg(1.0, "classifier-free guidance scale on the action (1: off; >1 costs a second DiT pass)")
     slide: str = arg("chunk", "how the context window moves once full (see engine.SLIDES)", choices=list(SLIDES))
     device: str = arg("auto", "auto (cuda when present) | cpu | cuda")
@@ -119,7 +124,10 @@ def load_world_model(cfg, device, naive=False, **overrides):
         utils.die(f"--ckpt {cfg.ckpt}: no such file (train one with train.py dit, or use the bundled checkpoints/)")
     dit, config, step = load_dit(cfg.ckpt, device, cfg.ema)
     vae_path = find_vae(cfg.ckpt, config, cfg.vae)
+    if not 0 <= cfg.warm_start < diffusion.NUM_TIMESTEPS:
+        utils.die(f"--warm-start {cfg.warm_start}: must be in 0..{diffusion.NUM_TIMESTEPS - 1} (0: off)")
     kw = dict(steps=cfg.steps, context_noise=cfg.context_noise, seed=cfg.seed, slide=cfg.slide)
+    kw |= dict(warm_start=cfg.warm_start)
     precision = "fp32" if cfg.precision == "auto" and torch.device(device).type != "cpu" else cfg.precision
     precision = utils.pick_precision(precision, device, auto_cpu=AUTO_CPU_BF16)
     kw |= dict(guidance=cfg.guidance, cuda_graph=cfg.cuda_graph, precision=precision) | overrides
@@ -211,7 +219,7 @@ class WorldModel:
 
     def __init__(
         self, dit, vae, latent_scale, device, steps=2, context_noise=0, seed=0, slide="chunk", guidance=1.0,
-        cuda_graph=False, precision="fp32",
+        cuda_graph=False, precision="fp32", warm_start=0,
     ):  # fmt: skip
         if slide not in SLIDES:
             raise ValueError(f"slide must be one of {SLIDES}, found {slide!r}")
@@ -228,8 +236,11 @@ class WorldModel:
         self.precision = precision
         self.window, self.num_actions = dit.window, dit.action_dim
         self.game, self.action_names = "unknown", [str(i) for i in range(self.num_actions)]
+        if not 0 <= warm_start < diffusion.NUM_TIMESTEPS:
+            raise ValueError(f"warm_start must be in 0..{diffusion.NUM_TIMESTEPS - 1}, found {warm_start}")
+        self.warm_start = int(warm_start)
         self.ac = diffusion.alphas_cumprod_schedule().to(self.device)
-        ts = diffusion.ddim_timesteps(steps)
+        ts = diffusion.ddim_timesteps(steps, start=self.warm_start or diffusion.NUM_TIMESTEPS - 1)
         self.pairs = list(zip(ts[:-1], ts[1:]))
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self._pool = self._decoding = None  # step_pipelined's decode thread and its pending frame
@@ -278,7 +289,7 @@ class WorldModel:
         a = torch.zeros(B, n, self.num_actions, device=self.device)  # the first frame's action is unknown
         if n > 1:
             a[:, 1:] = self._onehot(prompt_actions)
-        self.B = B
+        self.B, self.last = B, z[:, -1:]  # last: the newest frame's clean latent (B, 1, C, h, w)
         ctx, a = self._noised_context(z)[:, -(self.window - 1) :], a[:, -(self.window - 1) :]
         self._start(ctx, torch.full(ctx.shape[:2], self.context_noise, device=self.device, dtype=torch.long), a)
 
@@ -311,6 +322,8 @@ class WorldModel:
         C, h, w = self.dit.in_channels, self.dit.input_h, self.dit.input_w
         x = torch.randn((self.B, 1, C, h, w), generator=self.gen, device=self.device)
         tt = torch.empty(self.B, 1, dtype=torch.long, device=self.device)
+        if self.warm_start:  # SDEdit: the previous frame, noised; what stays still starts where it was
+            x = diffusion.q_sample(self.last, tt.fill_(self.warm_start), x, self.ac)
         for t, t_next in self.pairs:
             tt.fill_(t)
             v = self._predict(x, tt, a)
@@ -322,6 +335,7 @@ class WorldModel:
         if self._context_len() + 1 > keep and self.slide == "chunk":
             keep = max(1, self.window // 2)
         self._append(self._noised_context(x), tt.fill_(self.context_noise), a, keep)
+        self.last = x
         return x[:, 0]
 
     @torch.no_grad()

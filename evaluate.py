@@ -207,7 +207,7 @@ def main(cfg, argv=()):
     is_pong = engine.game == "pong"
     make = lambda st, cn: engines.WorldModel(
         engine.dit, engine.vae, engine.scale, device, st, cn, seed=cfg.seed, slide=cfg.slide, guidance=cfg.guidance,
-        cuda_graph=cfg.cuda_graph, precision=engine.precision,
+        cuda_graph=cfg.cuda_graph, precision=engine.precision, warm_start=cfg.warm_start,
     )  # fmt: skip
     max_ctx = engine.window - 1
     ctx = cfg.context or max_ctx

@@ -55,8 +55,6 @@ class VAETask:
             utils.die("--decoder-only needs --init: the VAE whose decoder to fine-tune")
         if cfg.decoder and not cfg.decoder_only:
             utils.die("--decoder needs --decoder-only: a new decoder is trained against a frozen --init encoder")
-        if cfg.latent_noise and not cfg.decoder_only:
-            utils.die("--latent-noise needs --decoder-only: the noise is in the frozen --init encoder's scaled units")
         if cfg.latent_noise < 0:
             utils.die(f"--latent-noise must be at least 0, found {cfg.latent_noise}")
         if cfg.decoder and cfg.decoder not in DECODER_CONFIGS:
@@ -105,11 +103,10 @@ class VAETask:
             x, bg, changes = (v[..., i : i + c, j : j + c] for v in (x, bg, changes))
         # decoder-only decodes the posterior mean, as generation decodes the DiT's latents; --latent-noise: plus
         # noise of a random std, as the DiT's latents are off by a little (docs/experiments.md, issue #26 round 4)
-        std = None
+        noise = None
         if self.cfg.latent_noise:
-            u = torch.rand(len(x), 1, 1, 1, generator=gen, device=gen.device).to(x.device)
-            std = u * self.cfg.latent_noise / self.init_scaling
-        rec, post = model(x, sample_posterior=not self.cfg.decoder_only, generator=gen, noise_std=std)
+            noise = self.cfg.latent_noise * torch.rand(len(x), 1, 1, 1, generator=gen, device=gen.device).to(x.device)
+        rec, post = model(x, sample_posterior=not self.cfg.decoder_only, generator=gen, noise=noise)
         w = 1.0 + self.cfg.fg_weight * self.foreground(x, bg, changes).float()
         err = rec.float() - x
         rec_loss = (w * (err.abs() + err.square())).mean() / w.mean()

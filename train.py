@@ -96,8 +96,9 @@ class VAEConfig(TrainConfig):
     decoder: str = arg("", "with --decoder-only, a new decoder of this uvit_vae.DECODER_CONFIGS size")
     latent_noise: float = arg(
         0.0,
-        "with --decoder-only: decode latents plus Gaussian noise of a random std up to this (the DiT's scaled units), "
-        "so that a generated latent a little off still decodes to the frame it is near",
+        "decode latents plus Gaussian noise of a random std up to this many latent stds (1 = the DiT's scaled "
+        "units), so that a latent a little off still decodes to the frame it is near; with the encoder training, "
+        "it also pushes apart the latents of frames that differ",
     )
 
 

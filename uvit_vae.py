@@ -244,13 +244,15 @@ class AutoencoderKL(nn.Module):
         """z (B, embed_dim, h, w), unscaled (divide diffusion latents by scaling_factor) -> (B, 3, h*f, w*f)."""
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x, sample_posterior=True, generator=None, noise_std=None):
-        """Reconstruction (B, 3, H, W) and the posterior, for training; noise_std (B, 1, 1, 1): Gaussian noise
-        of that std (unscaled units) added to the latent before decoding."""
+    def forward(self, x, sample_posterior=True, generator=None, noise=None):
+        """Reconstruction (B, 3, H, W) and the posterior, for training. noise (B, 1, 1, 1): add Gaussian noise of
+        that std, in units of the batch's latent std (so that scaling the latents up cannot drown it), before
+        decoding."""
         post = self.encode(x)
         z = post.sample(generator) if sample_posterior else post.mode()
-        if noise_std is not None:
-            z = z + noise_std * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        if noise is not None:
+            scale = noise * post.mean.detach().std()
+            z = z + scale * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         return self.decode(z), post
 
     def load_sd_checkpoint(self, path):

@@ -115,6 +115,34 @@ def test_pipelined_decoding_gives_the_same_frames_one_call_late(ckpts):
     assert eng.flush() is None
 
 
+def test_warm_start_denoises_the_previous_frame_from_its_level(ckpts, tmp_path):
+    """--warm-start L: each frame's first DDIM step sees the previous frame's latent noised to level L (the prompt's
+    last frame, then each generated one), labelled L, and the steps run from L down; 0 starts from pure noise."""
+    import diffusion
+
+    prompt = np.load(ckpts / "episode_00000.npz")["frames"][:2]
+    for level in (0, 600):
+        eng = make_engine(ckpts, steps=2, seed=4, warm_start=level, precision="fp32")
+        seen, predict = [], eng._predict
+        eng._predict = lambda x, tt, a, seen=seen, predict=predict: (
+            seen.append((x.clone(), tt.clone())) or predict(x, tt, a)
+        )
+        eng.reset(prompt[None], np.array([[3]]))
+        prev = eng.encode(prompt[None, -1:])  # (1, 1, C, h, w)
+        for k in range(3):
+            gen = torch.Generator().manual_seed(0)
+            gen.set_state(eng.gen.get_state())
+            noise = torch.randn(prev.shape, generator=gen)  # the draw step_latent makes next
+            z = eng.step_latent(torch.tensor([k % 6]))
+            (x, tt), (_, tt2) = seen[-2:]
+            want = noise if level == 0 else diffusion.q_sample(prev, torch.tensor([[level]]), noise, eng.ac)
+            assert torch.allclose(x, want, atol=1e-6), (level, k)
+            assert [tt.item(), tt2.item()] == diffusion.ddim_timesteps(2, start=level or 999)[:2]
+            prev = z[:, None]
+    bad = run("--ckpt", str(ckpts / "dit.pt"), "--warm-start", "1000", "--out", str(tmp_path / "x.mp4"))
+    assert bad.returncode != 0 and "--warm-start 1000" in bad.stderr.strip().splitlines()[-1]
+
+
 def test_action_guidance_scales_the_action_effect(ckpts):
     """guidance 0 samples without the new frame's action, 1 is the plain model, 3 pushes further from 0."""
     prompt = np.load(ckpts / "episode_00000.npz")["frames"][:1]

@@ -424,8 +424,8 @@ def test_decoder_finetune_keeps_the_encoder(pipeline, tmp_path):
 
 
 def test_latent_noise_decodes_noised_latents(pipeline, tmp_path):
-    """--latent-noise S (issue #26): the decoder trains on the posterior mean plus Gaussian noise of a random std
-    up to S in the DiT's scaled units (so up to S / scaling_factor unscaled); 0 decodes the mean as it is."""
+    """--latent-noise S (issue #26): the decoder trains on the latent plus Gaussian noise of a random std up to S
+    latent stds (the batch's, so that scaling the latents up cannot drown it); 0 decodes the latent as it is."""
     import dataclasses
 
     from tasks import VAETask
@@ -440,13 +440,14 @@ def test_latent_noise_decodes_noised_latents(pipeline, tmp_path):
         mean = task.model.encode(x).mean.detach()
         task.loss(task.model, torch.Generator().manual_seed(0))  # draws the same batch x
         hook.remove()
-        seen[-1] = (seen[-1] - mean) * task.init_scaling  # the added noise, in scaled units
+        seen[-1] = (seen[-1] - mean) / mean.std()  # the added noise, in latent stds
     assert torch.equal(seen[0], torch.zeros_like(seen[0]))
     std = seen[1].flatten(1).std(1)  # one std a frame, uniform in (0, 3)
     assert 0 < std.min() < std.max() < 3.3 and std.max() > 1.0 and std.std() > 0.2
-    args = ["train.py", "vae", "--preset", "tiny", "--data", pipeline["data"], "--wandb", "disabled"]
-    bad = run(*args, "--init", pipeline["vae"], "--latent-noise", "0.1", "--out", str(tmp_path / "x"), check=False)
-    one_line_error(bad, "--decoder-only")
+    # the whole VAE too (the encoder learns against it); a negative level is refused
+    args = ["train.py", "vae", "--preset", "tiny", "--data", pipeline["data"], "--wandb", "disabled", "--steps", "3"]
+    run(*args, "--init", pipeline["vae"], "--latent-noise", "0.1", "--out", str(tmp_path / "full"))
+    one_line_error(run(*args, "--latent-noise", "-1", "--out", str(tmp_path / "x"), check=False), "--latent-noise")
 
 
 def test_lighter_decoder_keeps_the_encoder(pipeline, tmp_path):

@@ -216,8 +216,10 @@ class DiTTask:
                 utils.die(f"--init {cfg.init}: model config {ck['config']['model']} differs from --model {cfg.model}")
             if games.from_config(ck["config"]) != (game, names):
                 utils.die(f"--init {cfg.init} plays {games.from_config(ck['config'])}, --data {(game, names)}")
-            if ck["config"].get("vae_fingerprint") != fp:
-                utils.die(f"--init {cfg.init} was trained on another VAE's latents than --vae {cfg.vae}")
+            if ck["config"].get("vae_fingerprint") != fp and not cfg.init_new_vae:
+                utils.die(
+                    f"--init {cfg.init} was trained on another VAE's latents than --vae {cfg.vae} (--init-new-vae)"
+                )
             self.model.load_state_dict(ck["ema"])
         self.model_config = dict(self.model.config)
         self.extra_config = {"vae_path": os.path.abspath(vae_path), "vae_fingerprint": fp, "latent_scale": self.scale}

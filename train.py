@@ -107,6 +107,10 @@ class DiTConfig(TrainConfig):
     """train.py dit: windows of VAE latents, diffusion forcing."""
 
     vae: str = arg("", "VAE run dir or ckpt.pt whose latents the DiT models (required)")
+    init_new_vae: bool = arg(
+        False,
+        "with --init: a DiT trained on another VAE's latents may start (--vae's encoder fine-tuned from that one)",
+    )
     model: str = arg("XS", "DiT size (a dit.DiT_models key)")
     window: int = arg(16, "frames per training window: the DiT's context window")
     ctx_noise_prob: float = arg(0.0, "share of windows trained GameNGen-style (clean-ish context, noisy last frame)")

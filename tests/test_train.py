@@ -498,6 +498,21 @@ def test_dit_init_starts_from_the_trained_weights(pipeline, tmp_path):
     one_line_error(other, "--init")
 
 
+def test_dit_init_on_another_vae_needs_init_new_vae(pipeline, tmp_path):
+    """A DiT trained on one VAE's latents starts on another's (its encoder fine-tuned) only with --init-new-vae."""
+    vae2 = str(tmp_path / "vae2")
+    run("train.py", "vae", "--preset", "tiny", "--data", pipeline["data"], "--wandb", "disabled", "--steps", "2",
+        "--init", pipeline["vae"], "--latent-noise", "0.2", "--out", vae2)  # fmt: skip
+    args = ["train.py", "dit", "--preset", "tiny", "--data", pipeline["data"], "--vae", vae2, "--init", pipeline["dit"]]
+    args += ["--wandb", "disabled", "--steps", "2", "--sample-every", "0", "--lr", "0"]
+    one_line_error(run(*args, "--out", str(tmp_path / "x"), check=False), "--init-new-vae")
+    run(*args, "--init-new-vae", "--out", str(tmp_path / "ft"))
+    load = lambda d: torch.load(os.path.join(d, "ckpt.pt"), map_location="cpu", weights_only=True)
+    old, new = load(pipeline["dit"]), load(str(tmp_path / "ft"))
+    assert all(torch.equal(old["ema"][k], new["model"][k]) for k in old["ema"])
+    assert new["config"]["vae_path"] == os.path.abspath(os.path.join(vae2, "ckpt.pt"))
+
+
 def test_dit_init_may_lengthen_the_window(pipeline, tmp_path):
     """The window holds no weights (RoPE over time): --init a 4-frame run into a 6-frame one, same weights."""
     out = str(tmp_path / "long")

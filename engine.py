@@ -8,12 +8,15 @@ reset() with prompt frames and step(actions) to get the next frames, with no emu
 generate.py, evaluate.py, play.py and bench.py use it; train.py uses it for its sample rollouts.
 Speed: the context frames' keys/values are cached, and each DDIM step runs only the new frame's
 tokens (plus, in the first step, the frames queued since: DiT.queue); step_pipelined() decodes the
-previous frame on a second thread. Oasis's sampler instead re-runs the whole window at every step:
-NaiveWorldModel does that, for comparison (bench.py) and for the equality test.
+previous frame on a second thread (on a CPU a TorchScript trace of the decoder, which holds Python's
+lock once a frame). Oasis's sampler instead re-runs the whole window at every step: NaiveWorldModel
+does that, for comparison (bench.py) and for the equality test. On a CPU with fast bf16 the engine
+keeps its own bf16 copy of the networks, with linear weights laid out once for oneDNN (PackedLinear).
 """
 
 import copy
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -67,8 +70,8 @@ class ModelConfig:
 
 
 # Whether --precision auto generates in bf16 on a CPU that does it fast (AVX-512 BF16 or AMX). Issue #25's A/B:
-# the engine's bf16 copy of the weights keeps the held-out table and plays 1.01-1.13x as fast at batch 1 on this
-# CPU (autocast alone was 0.67-0.83x: docs/speed.md), so yes. On CUDA, auto stays fp32: untested there.
+# the engine's bf16 copy (packed linears, exact GELU) keeps the held-out table and plays 1.20-1.51x as fast as
+# fp32 at batch 1 on this CPU (autocast alone was 0.67-0.83x: docs/speed.md), so yes. On CUDA, auto stays fp32.
 AUTO_CPU_BF16 = True
 THREADS_HELP = "CPU threads for each of the two stages (DiT, VAE decode); 0: half the cores each"
 
@@ -202,13 +205,58 @@ def read_prompt(path, size):
 
 def bf16_copy(module):
     """The module with its weights in bf16: itself if they already are, else a copy. Buffers (the timestep
-    frequencies, positional tables) stay fp32: a timestep of 999 times a bf16 frequency loses its phase."""
+    frequencies, positional tables) stay fp32: a timestep of 999 times a bf16 frequency loses its phase.
+    On a CPU the copy's linear layers are PackedLinear and its tanh GELUs exact ones (docs/speed.md)."""
     if all(p.dtype == torch.bfloat16 for p in module.parameters()):
         return module
     module = copy.deepcopy(module)
     for p in module.parameters():
         p.data = p.data.to(torch.bfloat16)
+    if PackedLinear.available() and all(p.device.type == "cpu" for p in module.parameters()):
+        for parent in list(module.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, PackedLinear(child))
+                elif isinstance(child, torch.nn.GELU) and child.approximate == "tanh":
+                    # tanh's approximation differs from GELU by < 5e-4, under bf16's rounding; exact is 2x cheaper
+                    setattr(parent, name, torch.nn.GELU())
     return module
+
+
+class PackedLinear(torch.nn.Module):
+    """A bf16 nn.Linear for a CPU whose weight oneDNN lays out once for its matrix units, instead of at every
+    call: 1.4-1.6x faster at generation's 36-144 rows (docs/speed.md). Uses torch's private mkldnn ops (what
+    torch.compile's CPU backend calls); the laid-out weight is opaque, so the module cannot be copied or saved."""
+
+    ROWS = 36  # the rows oneDNN lays the weight out for: one frame's tokens
+
+    @staticmethod
+    def available():
+        ops = torch.ops.mkldnn
+        return torch.backends.mkldnn.is_available() and all(
+            hasattr(ops, op) for op in ("_reorder_linear_weight", "_linear_pointwise")
+        )
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().to(torch.bfloat16)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.ROWS)  # not a parameter or buffer
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
+
+
+class _Decoder(torch.nn.Module):
+    """WorldModel._decode as a module, for torch.jit.trace."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.vae, self.engine = engine.vae, engine
+
+    def forward(self, z):
+        return self.engine._decode(z)
 
 
 class WorldModel:
@@ -244,6 +292,7 @@ class WorldModel:
         self.pairs = list(zip(ts[:-1], ts[1:]))
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self._pool = self._decoding = None  # step_pipelined's decode thread and its pending frame
+        self._traced = {}  # decode's TorchScript traces on a CPU, by latent shape
 
     @property
     def frame_size(self):
@@ -263,12 +312,32 @@ class WorldModel:
             z = self.vae.encode(x).mean.float() * self.scale
         return z.unflatten(0, (B, n))
 
-    @torch.no_grad()
-    def decode(self, z):
-        """scaled latents (B, C, h, w) -> uint8 (B, H, W, 3)."""
+    def _decode(self, z):
+        """scaled latents (B, C, h, w) -> uint8 (B, H, W, 3): decode()'s maths, traced as it is on a CPU."""
         with self.amp():
             x = self.vae.decode(z / self.scale).float()
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1)
+
+    @torch.no_grad()
+    def decode(self, z):
+        """scaled latents (B, C, h, w) -> uint8 (B, H, W, 3).
+
+        On a CPU it runs a TorchScript trace of _decode, made once per latent shape (the same frames): eager
+        PyTorch takes Python's lock at every layer, which on step_pipelined's second thread slowed the DiT's
+        thread; the trace takes it once a call (docs/speed.md).
+        """
+        if self.device.type != "cpu":
+            return self._decode(z)
+        return self._traced_decoder(tuple(z.shape))(z)
+
+    def _traced_decoder(self, shape):
+        """decode()'s TorchScript trace for latents of this shape (B, C, h, w), made at the first call."""
+        if shape not in self._traced:
+            z = torch.zeros(shape, device=self.device)
+            with warnings.catch_warnings():  # TorchScript is deprecated (torch 2.13 has it); a shape check warns
+                warnings.simplefilter("ignore")
+                self._traced[shape] = torch.jit.trace(_Decoder(self), z, check_trace=False)
+        return self._traced[shape]
 
     def _onehot(self, actions):
         return F.one_hot(torch.as_tensor(actions, device=self.device).long(), self.num_actions).float()
@@ -286,6 +355,8 @@ class WorldModel:
         B, n = prompt.shape[:2]
         self._decoding = None  # a frame of the previous game still decoding is dropped
         z = self.encode(prompt)
+        if self.device.type == "cpu":  # the decoder's trace is made now, not in the first frame's time
+            self._traced_decoder((B, *z.shape[2:]))
         a = torch.zeros(B, n, self.num_actions, device=self.device)  # the first frame's action is unknown
         if n > 1:
             a[:, 1:] = self._onehot(prompt_actions)

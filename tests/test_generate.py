@@ -143,6 +143,18 @@ def test_warm_start_denoises_the_previous_frame_from_its_level(ckpts, tmp_path):
     assert bad.returncode != 0 and "--warm-start 1000" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_cpu_decode_runs_a_trace_of_the_eager_decoder(ckpts):
+    """On a CPU, decode() runs a TorchScript trace made once per latent shape (so step_pipelined's decode thread
+    does not hold Python's lock at every layer): the same frames as the eager decoder, to the bit."""
+    for precision in ("fp32", "bf16"):
+        eng = make_engine(ckpts, precision=precision)
+        for B in (1, 3, 1):
+            z = torch.randn(B, eng.dit.in_channels, eng.dit.input_h, eng.dit.input_w)
+            with torch.no_grad():
+                assert torch.equal(eng.decode(z), eng._decode(z)), (precision, B)
+        assert sorted(k[0] for k in eng._traced) == [1, 3]
+
+
 def test_action_guidance_scales_the_action_effect(ckpts):
     """guidance 0 samples without the new frame's action, 1 is the plain model, 3 pushes further from 0."""
     prompt = np.load(ckpts / "episode_00000.npz")["frames"][:1]

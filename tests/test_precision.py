@@ -117,7 +117,10 @@ def test_engine_bf16_keeps_its_own_bf16_copy():
     vae = build_vae("pong", ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8).eval()
     eng = engine.WorldModel(dit, vae, 1.0, "cpu", precision="bf16")
     assert eng.dit is not dit and eng.vae is not vae
-    assert {p.dtype for p in eng.dit.parameters()} == {p.dtype for p in eng.vae.parameters()} == {torch.bfloat16}
+    weights = lambda m: (
+        [p for p in m.parameters()] + [x.packed for x in m.modules() if isinstance(x, engine.PackedLinear)]
+    )
+    assert {p.dtype for p in weights(eng.dit)} == {p.dtype for p in weights(eng.vae)} == {torch.bfloat16}
     assert {p.dtype for p in dit.parameters()} == {p.dtype for p in vae.parameters()} == {torch.float32}
     assert {b.dtype for b in eng.dit.buffers()} == {torch.float32}
     assert engine.WorldModel(eng.dit, eng.vae, 1.0, "cpu", precision="bf16").dit is eng.dit  # no second copy
@@ -125,3 +128,31 @@ def test_engine_bf16_keeps_its_own_bf16_copy():
     eng.reset(torch.zeros(1, 1, 32, 32, 3, dtype=torch.uint8).numpy())
     frame = eng.step(torch.tensor([2]))
     assert frame.shape == (1, 32, 32, 3) and frame.dtype == torch.uint8
+
+
+@pytest.mark.skipif(not __import__("engine").PackedLinear.available(), reason="torch has no oneDNN linear ops")
+def test_cpu_bf16_copy_packs_its_linears_and_computes_what_they_did():
+    """On a CPU the engine's bf16 copy runs its linear layers with weights oneDNN laid out once (PackedLinear) and
+    exact GELU for tanh's (< 5e-4 apart): each layer's output as nn.Linear's in bf16, to bf16's rounding."""
+    import engine
+    from dit import DiT_models
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 80)
+    packed = engine.PackedLinear(lin)
+    x = torch.randn(2, 3, 36, 48)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16()).float()
+        got = packed(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 36, 80)
+    assert (got.float() - want).abs().max() <= 0.02 * want.abs().max()
+    dit = DiT_models["tiny"](input_h=4, input_w=4, in_channels=4, window=4, action_dim=3).eval()
+    copy = engine.bf16_copy(dit)
+    assert not any(isinstance(m, torch.nn.Linear) for m in copy.modules())
+    assert sum(isinstance(m, engine.PackedLinear) for m in copy.modules()) == sum(
+        isinstance(m, torch.nn.Linear) for m in dit.modules()
+    )
+    gelus = [m for m in copy.modules() if isinstance(m, torch.nn.GELU)]
+    assert gelus and all(m.approximate == "none" for m in gelus)
+    a = torch.linspace(-6, 6, 10001)
+    assert (torch.nn.functional.gelu(a) - torch.nn.functional.gelu(a, approximate="tanh")).abs().max() < 5e-4

@@ -192,6 +192,9 @@ class DiTTask:
         self.scale = float(self.vae.scaling_factor)
         train_files, val_files, _, game, names = load_split(cfg)
         fp = utils.file_fingerprint(vae_path)
+        ck = utils.load_checkpoint(cfg.init, kind="dit") if cfg.init else None  # checked before the latent cache
+        if ck and ck["config"].get("vae_fingerprint") != fp and not cfg.init_new_vae:
+            utils.die(f"--init {cfg.init} was trained on another VAE's latents than --vae {cfg.vae} (--init-new-vae)")
 
         def encode(frames):  # chunk by chunk: a signal stops here, before the episode's file is written
             utils.INTERRUPTS.check()
@@ -208,18 +211,13 @@ class DiTTask:
         self.model = DiT_models[cfg.model](
             input_h=h, input_w=w, in_channels=c, window=cfg.window, action_dim=len(names)
         ).to(device)
-        if cfg.init:  # fine-tune a trained DiT (its EMA weights) on the same VAE's latents
-            ck = utils.load_checkpoint(cfg.init, kind="dit")
+        if ck:  # fine-tune a trained DiT (its EMA weights) on the same VAE's latents (or, asked, another's)
             # the window holds no weights (RoPE over time), so a longer one can start from a shorter one
             same = lambda c: {k: v for k, v in c.items() if k != "window"}
             if same(ck["config"]["model"]) != same(json.loads(json.dumps(self.model.config))):
                 utils.die(f"--init {cfg.init}: model config {ck['config']['model']} differs from --model {cfg.model}")
             if games.from_config(ck["config"]) != (game, names):
                 utils.die(f"--init {cfg.init} plays {games.from_config(ck['config'])}, --data {(game, names)}")
-            if ck["config"].get("vae_fingerprint") != fp and not cfg.init_new_vae:
-                utils.die(
-                    f"--init {cfg.init} was trained on another VAE's latents than --vae {cfg.vae} (--init-new-vae)"
-                )
             self.model.load_state_dict(ck["ema"])
         self.model_config = dict(self.model.config)
         self.extra_config = {"vae_path": os.path.abspath(vae_path), "vae_fingerprint": fp, "latent_scale": self.scale}

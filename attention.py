@@ -86,7 +86,7 @@ class KVCache:
 def attend(q, k, v, mask=None, is_causal=False):
     """F.scaled_dot_product_attention(q, k, v, mask, is_causal) with q, k, v (..., n, head_dim); mask bool, True =
     attend. In bf16 training on a CPU it is the plain product-softmax-product (scores in fp32): there torch's fused
-    kernel takes 2-6x as long, forward and backward, on this model's short sequences (36 tokens a frame, a few
+    kernel takes 2-7x as long, forward and backward, on this model's short sequences (36 tokens a frame, a few
     frames); at generation's batch 1 the fused kernel is the faster (`python bench.py --what attention`)."""
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not (q.requires_grad and torch.is_grad_enabled()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)

@@ -102,7 +102,7 @@ class VAETask:
             i, j = (8 * torch.randint(0, (size - c) // 8 + 1, (2,), generator=gen, device=gen.device)).tolist()
             x, bg, changes = (v[..., i : i + c, j : j + c] for v in (x, bg, changes))
         # decoder-only decodes the posterior mean, as generation decodes the DiT's latents; --latent-noise: plus
-        # noise of a random std, as the DiT's latents are off by a little (docs/experiments.md, issue #26 round 4)
+        # noise of a random std, as the DiT's latents are off by a little (docs/experiments.md, issue #26 rounds 4, 6)
         noise = None
         if self.cfg.latent_noise:
             noise = self.cfg.latent_noise * torch.rand(len(x), 1, 1, 1, generator=gen, device=gen.device).to(x.device)

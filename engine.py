@@ -336,7 +336,10 @@ class WorldModel:
             z = torch.zeros(shape, device=self.device)
             with warnings.catch_warnings():  # TorchScript is deprecated (torch 2.13 has it); a shape check warns
                 warnings.simplefilter("ignore")
-                self._traced[shape] = torch.jit.trace(_Decoder(self), z, check_trace=False)
+                try:
+                    self._traced[shape] = torch.jit.trace(_Decoder(self), z, check_trace=False)
+                except (AttributeError, RuntimeError):  # a torch without TorchScript: the eager decoder
+                    self._traced[shape] = self._decode
         return self._traced[shape]
 
     def _onehot(self, actions):

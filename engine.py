@@ -76,12 +76,12 @@ AUTO_CPU_BF16 = True
 THREADS_HELP = "CPU threads for each of the two stages (DiT, VAE decode); 0: half the cores each"
 
 
-def sample_path(game, kind):
+def sample_path(game, kind, root=SAMPLE_DIR):
     """The bundled sample of a game's model: its "prompt" (PNG) or its recorded "actions" (.pt); Pong's in
     sample_data/, another game's in sample_data/GAME/ (bundle.py --samples-from writes them)."""
     if game == "pong":
-        return os.path.join(SAMPLE_DIR, {"prompt": "prompt.png", "actions": "actions_rally.pt"}[kind])
-    return os.path.join(SAMPLE_DIR, game, {"prompt": "prompt.png", "actions": "actions.pt"}[kind])
+        return os.path.join(root, {"prompt": "prompt.png", "actions": "actions_rally.pt"}[kind])
+    return os.path.join(root, game, {"prompt": "prompt.png", "actions": "actions.pt"}[kind])
 
 
 def load_dit(path, device, ema=True):

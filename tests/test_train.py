@@ -556,11 +556,30 @@ def test_clean_copy_training_runs_and_checks_its_flags(pipeline, tmp_path):
 
 
 def test_bundle_then_finetune_then_rebundle_in_place(pipeline, tmp_path):
-    """make train-cpu's last stages: bundle, fine-tune on the bundled VAE, bundle again; the VAE file stays as it is."""
+    """make train-cpu's last stages: bundle, fine-tune on the bundled VAE, bundle again; the VAE file stays as it is.
+    The first bundle also cuts the sample files from a recorded episode (--samples-from)."""
+    import cv2
+
+    import dataset
     import utils
 
-    out = str(tmp_path / "ck")
-    run("bundle.py", "--dit", pipeline["dit"], "--out", out)
+    out, samples, episode = (
+        str(tmp_path / "ck"),
+        tmp_path / "samples",
+        os.path.join(pipeline["data"], "episode_00000.npz"),
+    )
+    run("bundle.py", "--dit", pipeline["dit"], "--out", out, "--samples-from", episode, "--samples-start", "3",
+        "--samples-len", "5", "--samples-dir", str(samples))  # fmt: skip
+    ep = dataset.load_episode(episode)
+    prompt = cv2.cvtColor(cv2.imread(str(samples / "prompt.png")), cv2.COLOR_BGR2RGB)
+    assert (prompt == ep["frames"][3]).all()
+    rally = torch.load(samples / "actions_rally.pt", weights_only=True)
+    assert rally.tolist() == ep["actions"][3:8].tolist()
+    assert {p.name for p in samples.iterdir()} == {"prompt.png", "actions_rally.pt", "actions_up.pt",
+                                                   "actions_down.pt", "heldout_episode.npz"}  # fmt: skip
+    bad = run("bundle.py", "--dit", pipeline["dit"], "--out", out, "--samples-from", episode, "--samples-start",
+              "99999", "--samples-dir", str(samples), check=False)  # fmt: skip
+    one_line_error(bad, "--samples-start")
     vae, dit = os.path.join(out, "pong_vae.pt"), os.path.join(out, "pong_dit.pt")
     ck = torch.load(dit, map_location="cpu", weights_only=True)
     assert ck["config"]["vae_fingerprint"] == utils.file_fingerprint(vae)

@@ -51,7 +51,7 @@ data: $(VENV_OK)
 	$(RECORD) --agent random --episodes 16 --seed 20000 --out $(RANDOM)
 	$(RECORD) --agent tracker --epsilon 0.15 --episodes 6 --seed 90000 --out $(HELDOUT) --max-episode-frames 1500 --workers 1
 
-# The shipped model, trained on this repository's 2-core CPU machine, one core per run (about 9 hours):
+# The shipped model, trained on this repository's 2-core CPU machine, one core per run (about 9.5 hours):
 # the VAE (38 min), the DiT (100 min, 8 episodes of each set), its fine-tune with the random agent's
 # episodes added (70 min), a lighter decoder (50 min) for the frozen encoder, then 35 more minutes of
 # the DiT on the bundled VAE's latents (seed 1: the better of two such runs on the held-out set), then

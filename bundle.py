@@ -33,7 +33,9 @@ class BundleConfig:
     samples_from: str = arg("", "recorded episode .npz to cut sample_data/ from (empty: skip)")
     samples_start: int = arg(200, "frame of that episode used as the prompt")
     samples_len: int = arg(240, "actions per sample file")
-    samples_dir: str = arg("sample_data", "where --samples-from writes (generate.py and play.py read sample_data/)")
+    samples_dir: str = arg(
+        "", "where --samples-from writes; empty: the repository's sample_data/ (generate.py reads it)"
+    )
 
 
 def slim(ckpt):
@@ -54,13 +56,13 @@ def write_samples(cfg, game):
     import cv2
 
     import dataset
-    from engine import sample_path
+    from engine import SAMPLE_DIR, sample_path
 
     ep = dataset.load_episode(cfg.samples_from)
     k, n = cfg.samples_start, cfg.samples_len
     if not 0 <= k < len(ep["frames"]):
         utils.die(f"--samples-start {k}: {cfg.samples_from} has {len(ep['frames'])} frames")
-    prompt, actions = (sample_path(game, kind, cfg.samples_dir) for kind in ("prompt", "actions"))
+    prompt, actions = (sample_path(game, kind, cfg.samples_dir or SAMPLE_DIR) for kind in ("prompt", "actions"))
     out_dir = os.path.dirname(prompt)
     os.makedirs(out_dir, exist_ok=True)
     utils._atomic(prompt, lambda tmp: cv2.imwrite(tmp, cv2.cvtColor(ep["frames"][k], cv2.COLOR_RGB2BGR)))

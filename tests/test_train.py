@@ -561,13 +561,11 @@ def test_bundle_then_finetune_then_rebundle_in_place(pipeline, tmp_path):
     import cv2
 
     import dataset
+    import pong
     import utils
 
-    out, samples, episode = (
-        str(tmp_path / "ck"),
-        tmp_path / "samples",
-        os.path.join(pipeline["data"], "episode_00000.npz"),
-    )
+    out, samples = str(tmp_path / "ck"), tmp_path / "samples"
+    episode = os.path.join(pipeline["data"], "episode_00000.npz")
     run("bundle.py", "--dit", pipeline["dit"], "--out", out, "--samples-from", episode, "--samples-start", "3",
         "--samples-len", "5", "--samples-dir", str(samples))  # fmt: skip
     ep = dataset.load_episode(episode)
@@ -575,6 +573,9 @@ def test_bundle_then_finetune_then_rebundle_in_place(pipeline, tmp_path):
     assert (prompt == ep["frames"][3]).all()
     rally = torch.load(samples / "actions_rally.pt", weights_only=True)
     assert rally.tolist() == ep["actions"][3:8].tolist()
+    for d, a in (("up", pong.UP), ("down", pong.DOWN)):
+        assert torch.load(samples / f"actions_{d}.pt", weights_only=True).tolist() == [a] * 5
+    assert open(samples / "heldout_episode.npz", "rb").read() == open(episode, "rb").read()
     assert {p.name for p in samples.iterdir()} == {"prompt.png", "actions_rally.pt", "actions_up.pt",
                                                    "actions_down.pt", "heldout_episode.npz"}  # fmt: skip
     bad = run("bundle.py", "--dit", pipeline["dit"], "--out", out, "--samples-from", episode, "--samples-start",

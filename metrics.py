@@ -193,7 +193,8 @@ def report(m, horizons):
         out.append(
             f"  ball presence {f(ar['ball_presence'])}, spurious {f(ar['ball_spurious'])}, error first 16 steps "
             f"{f(ar['ball_error_first16_px'])} px, hit rate (<= 4 px) {f(ar['ball_hit_rate'])}, "
-            f"first 16 steps {f(ar['ball_hit_rate_first16'])}"
+            f"first 16 steps {f(ar['ball_hit_rate_first16'])} (presence {f(ar['ball_presence_first16'])}, spurious "
+            f"{f(ar['ball_spurious_first16'])})"
         )
         for key in ("score_events", "score_digits"):
             s = ar[key]
@@ -210,11 +211,13 @@ def report(m, horizons):
     out.append(control)
     out.append(f"speed         {f(m['speed']['frames_per_s_batch1'], 1)} frames/s at batch 1 on {m['device']}")
     for name, rows in m["sweeps"].items():
-        out.append(f"sweep {name}: steps noise  tf dB tf err tf hit  ar dB  ball  spur.  err16   hit   fps")
+        head = "steps noise  tf dB tf err tf hit  ar dB  ball  spur. ball16 spur16  err16   hit   fps"
+        out.append(f"sweep {name}: {head}")
         out += [
             f"{'':>{len(name) + 7}}{r['steps']:>5} {r['context_noise']:>5} {f(r['tf_psnr']):>6} "
             f"{f(r.get('tf_ball_error_px'), 1):>6} {f(r.get('tf_ball_hit_rate')):>6} "
             f"{f(r['ar_psnr_mean']):>6} {f(r.get('ar_ball_presence')):>5} {f(r.get('ar_ball_spurious')):>6} "
+            f"{f(r.get('ar_ball_presence_first16')):>6} {f(r.get('ar_ball_spurious_first16')):>6} "
             f"{f(r.get('ar_ball_error_first16_px'), 1):>6} {f(r.get('ar_ball_hit_rate')):>5} {f(r['fps_batch1'], 1):>5}"
             for r in rows
         ]

@@ -224,6 +224,16 @@ class TrackerAgent:
         return 0 if not abs(diff) > self.DEAD_ZONE else (UP if diff < 0 else DOWN)
 
 
+def ball_mask(frames, radius=2):
+    """(N, H, W) bool: the pixels within `radius` (each axis) of the detected ball's centre in uint8 (N, H, W, 3)
+    frames; none where no ball is seen. What train.py vae --ball-weight weights."""
+    xy = detect_objects(frames)["ball_xy"]  # (N, 2), NaN without a ball: every comparison below is False
+    h, w = frames.shape[1:3]
+    rows = np.abs(np.arange(h)[None, :] - xy[:, 1:]) <= radius  # (N, H)
+    cols = np.abs(np.arange(w)[None, :] - xy[:, :1]) <= radius  # (N, W)
+    return rows[:, :, None] & cols[:, None, :]
+
+
 def count_returns(ball_x, width):
     """How often the ball's horizontal motion turns from rightward to leftward in the right quarter.
 
@@ -334,6 +344,9 @@ def rollout_metrics(real, gen, horizons):
     res |= {"ball_error_first16_px": float(nanmean(err["ball"][:, 1:17])), "curves_px": curves}
     hit = err["ball"][:, 1:] <= HIT_PX  # NaN (a ball missing on either side) is a miss
     res |= {"ball_hit_rate": share(hit, has_r), "ball_hit_rate_first16": share(hit[:, :16], has_r[:, :16])}
+    # over the first 16 steps, before the generated game has gone its own way (a ball out at another time)
+    res |= {"ball_presence_first16": share(has_g[:, :16], has_r[:, :16])}
+    res |= {"ball_spurious_first16": share(has_g[:, :16], ~has_r[:, :16])}
     # score held: both halves read as the real frame's, where the real score has not changed since the start
     sr, sg = read_score(real), read_score(gen)  # (R, 1 + T, 2)
     same = (sr == sr[:, :1]).all(-1) & (sr >= 0).all(-1)

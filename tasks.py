@@ -57,6 +57,8 @@ class VAETask:
             utils.die("--decoder needs --decoder-only: a new decoder is trained against a frozen --init encoder")
         if cfg.latent_noise < 0:
             utils.die(f"--latent-noise must be at least 0, found {cfg.latent_noise}")
+        if cfg.ball_weight and self.game != "pong":
+            utils.die(f"--ball-weight: the ball detector is Pong's; these data are {self.game}'s")
         if cfg.decoder and cfg.decoder not in DECODER_CONFIGS:
             utils.die(f"--decoder {cfg.decoder!r}: choose from {sorted(DECODER_CONFIGS)}")
         self.train = windows(train_files, 1, device, num_actions=len(names))
@@ -96,22 +98,31 @@ class VAETask:
 
     def loss(self, model, gen):
         x = self.train.sample(self.cfg.batch_size, gen)["frames"][:, 0]  # (B, 3, H, W)
-        bg, changes = self.background, self.changes
+        w = self.weights(x)
         if self.cfg.crop:  # a convolutional VAE learns from crops; aligned to the latent grid
             c, size = self.cfg.crop, x.shape[-1]
             i, j = (8 * torch.randint(0, (size - c) // 8 + 1, (2,), generator=gen, device=gen.device)).tolist()
-            x, bg, changes = (v[..., i : i + c, j : j + c] for v in (x, bg, changes))
+            x, w = (v[..., i : i + c, j : j + c] for v in (x, w))
         # decoder-only decodes the posterior mean, as generation decodes the DiT's latents; --latent-noise: plus
         # noise of a random std, as the DiT's latents are off by a little (docs/experiments.md, issue #26 rounds 4, 6)
         noise = None
         if self.cfg.latent_noise:
             noise = self.cfg.latent_noise * torch.rand(len(x), 1, 1, 1, generator=gen, device=gen.device).to(x.device)
         rec, post = model(x, sample_posterior=not self.cfg.decoder_only, generator=gen, noise=noise)
-        w = 1.0 + self.cfg.fg_weight * self.foreground(x, bg, changes).float()
         err = rec.float() - x
         rec_loss = (w * (err.abs() + err.square())).mean() / w.mean()
         kl = post.kl().mean() / x[0].numel()
         return rec_loss + self.cfg.kl_weight * kl, {"rec": rec_loss.detach(), "kl": kl.detach()}
+
+    def weights(self, x):
+        """(B, 1, H, W): each pixel's loss weight in frames x (B, 3, H, W): 1, + --fg-weight, + --ball-weight."""
+        w = 1.0 + self.cfg.fg_weight * self.foreground(x, self.background, self.changes).float()
+        if self.cfg.ball_weight:  # the ball is a few pixels: it can share a latent cell with a paddle or a wall
+            import pong
+
+            frames = x.add(1).mul(127.5).round().byte().movedim(1, -1).cpu().numpy()
+            w = w + self.cfg.ball_weight * torch.from_numpy(pong.ball_mask(frames)).to(w.device)[:, None]
+        return w
 
     def foreground(self, x, bg, changes):
         """(B, 1, H, W) bool: the pixels --fg-weight weights in frames x (B, 3, H, W), see --fg-mask."""

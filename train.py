@@ -92,6 +92,9 @@ class VAEConfig(TrainConfig):
         "in the median)",
         choices=["median", "colour"],
     )
+    ball_weight: float = arg(
+        0.0, "Pong: extra loss weight on the pixels around the detected ball (pong.ball_mask), on top of --fg-weight"
+    )
     decoder_only: bool = arg(False, "with --init, train only the decoder: the latents (and a DiT on them) stay valid")
     decoder: str = arg("", "with --decoder-only, a new decoder of this uvit_vae.DECODER_CONFIGS size")
     latent_noise: float = arg(

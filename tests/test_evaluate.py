@@ -134,7 +134,8 @@ def test_perfect_model_scores_perfectly(heldout, prompt):
     for key in ("score_events", "score_digits"):
         s = m[key]
         assert s["n_real"] > 0 and s["n_real"] == s["n_generated"] == s["n_matched"], (key, s)
-    assert m["ball_hit_rate"] == m["ball_hit_rate_first16"] == 1.0
+    assert m["ball_hit_rate"] == m["ball_hit_rate_first16"] == m["ball_presence_first16"] == 1.0
+    assert m["ball_spurious_first16"] == 0.0
     assert m["score_held"] and all(v == 1.0 for v in m["score_held"].values()), m["score_held"]
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -593,20 +594,26 @@ def test_bundle_then_finetune_then_rebundle_in_place(pipeline, tmp_path):
     assert torch.load(dit, map_location="cpu", weights_only=True)["step"] == 2
 
 
-def test_fg_mask_colour_marks_the_score_digits_and_not_the_walls(tmp_path):
+@pytest.fixture(scope="module")
+def pong_600(tmp_path_factory):
+    """One 600-frame random-agent Pong episode at 32x32: the reset screen (other colours) stays under 2% of
+    the frames, as in real data."""
+    data = str(tmp_path_factory.mktemp("pong_600") / "data")
+    run("generate_dataset.py", "--agent", "random", "--episodes", "1", "--max-episode-frames", "600",
+        "--frame-size", "32", "--seed", "3", "--workers", "1", "--out", data)  # fmt: skip
+    return data
+
+
+def test_fg_mask_colour_marks_the_score_digits_and_not_the_walls(pong_600):
     """--fg-mask colour (issue #26): every digit pixel of the score strip counts as foreground, even where the
-    median frame holds the same digit; the walls (drawn in every frame) do not; the median mask is kept.
-    One 600-frame episode: the reset screen (other colours) must stay under 2% of the frames, as in real data."""
+    median frame holds the same digit; the walls (drawn in every frame) do not; the median mask is kept."""
     import dataclasses
 
     import pong
     from tasks import VAETask
     from train import VAEConfig
 
-    data = str(tmp_path / "data")
-    run("generate_dataset.py", "--agent", "random", "--episodes", "1", "--max-episode-frames", "600",
-        "--frame-size", "32", "--seed", "3", "--workers", "1", "--out", data)  # fmt: skip
-    cfg = VAEConfig(data=data, model="tiny", val_fraction=0.0, fg_mask="colour")
+    cfg = VAEConfig(data=pong_600, model="tiny", val_fraction=0.0, fg_mask="colour")
     task = VAETask(cfg, torch.device("cpu"), True)
     median = VAETask(dataclasses.replace(cfg, fg_mask="median"), torch.device("cpu"), True)
     x = task.train.sample(64, torch.Generator().manual_seed(0))["frames"][:, 0]  # (B, 3, 32, 32)
@@ -620,3 +627,38 @@ def test_fg_mask_colour_marks_the_score_digits_and_not_the_walls(tmp_path):
     assert (fg_median <= fg).all()  # the median mask's pixels stay marked
     wall = drawn.all(0) & ~task.changes[0]  # drawn in every frame and never changing: the walls
     assert wall.sum() > 0 and not (fg & ~fg_median)[:, wall].any()  # the colour rule adds no wall pixel
+
+
+def test_ball_weight_weights_the_detected_balls_pixels_only(pong_600, tmp_path, capsys):
+    """--ball-weight (issue #26): the pixels around each detected ball weigh --ball-weight more, no other pixel
+    does, and a frame without a ball is unchanged; the option is refused for a game without Pong's detector."""
+    import dataclasses
+
+    import pong
+    from tasks import VAETask
+    from train import VAEConfig
+
+    cfg = VAEConfig(data=pong_600, model="tiny", val_fraction=0.0, fg_weight=100.0)
+    plain = VAETask(cfg, torch.device("cpu"), True)
+    task = VAETask(dataclasses.replace(cfg, ball_weight=500.0), torch.device("cpu"), True)
+    x = task.train.sample(64, torch.Generator().manual_seed(0))["frames"][:, 0]  # (B, 3, 32, 32)
+    extra = (task.weights(x) - plain.weights(x))[:, 0]
+    frames = x.add(1).mul(127.5).round().byte().movedim(1, -1).numpy()
+    xy = pong.detect_objects(frames)["ball_xy"]
+    has = ~np.isnan(xy[:, 0])
+    assert 0 < has.sum() < len(x)  # balls and frames without one
+    assert set(extra.unique().tolist()) <= {0.0, 500.0}
+    assert (extra[~torch.from_numpy(has)] == 0).all()
+    for b in np.flatnonzero(has):
+        marked = extra[b].nonzero()  # (n, 2): rows, columns
+        assert 1 <= len(marked) <= 25
+        cx, cy = xy[b]
+        assert ((marked[:, 1] - cx).abs() <= 2).all() and ((marked[:, 0] - cy).abs() <= 2).all()
+        assert extra[b, round(cy), round(cx)] == 500.0  # the pixel under the ball's centre
+    other = str(tmp_path / "other")
+    shutil.copytree(pong_600, other)
+    meta = json.load(open(os.path.join(other, "meta.json")))
+    json.dump(meta | {"game": "breakout"}, open(os.path.join(other, "meta.json"), "w"))
+    with pytest.raises(SystemExit):
+        VAETask(dataclasses.replace(cfg, data=other, ball_weight=500.0), torch.device("cpu"), True)
+    assert "--ball-weight" in capsys.readouterr().err

@@ -127,16 +127,17 @@ def load_world_model(cfg, device, naive=False, **overrides):
         utils.die(f"--ckpt {cfg.ckpt}: no such file (train one with train.py dit, or use the bundled checkpoints/)")
     dit, config, step = load_dit(cfg.ckpt, device, cfg.ema)
     vae_path = find_vae(cfg.ckpt, config, cfg.vae)
-    if not 0 <= cfg.warm_start < diffusion.NUM_TIMESTEPS:
-        utils.die(f"--warm-start {cfg.warm_start}: must be in 0..{diffusion.NUM_TIMESTEPS - 1} (0: off)")
     kw = dict(steps=cfg.steps, context_noise=cfg.context_noise, seed=cfg.seed, slide=cfg.slide)
     kw |= dict(warm_start=cfg.warm_start)
     precision = "fp32" if cfg.precision == "auto" and torch.device(device).type != "cpu" else cfg.precision
     precision = utils.pick_precision(precision, device, auto_cpu=AUTO_CPU_BF16)
     kw |= dict(guidance=cfg.guidance, cuda_graph=cfg.cuda_graph, precision=precision) | overrides
-    engine = (NaiveWorldModel if naive else WorldModel)(
-        dit, load_vae(vae_path, device), config["latent_scale"], device, **kw
-    )
+    try:  # a setting out of range (--warm-start, --slide): one line, from the constructor's own checks
+        engine = (NaiveWorldModel if naive else WorldModel)(
+            dit, load_vae(vae_path, device), config["latent_scale"], device, **kw
+        )
+    except ValueError as e:
+        utils.die(str(e))
     engine.source = dict(path=os.path.abspath(cfg.ckpt), step=step, vae=os.path.abspath(vae_path))  # for reports
     engine.game, engine.action_names = games.from_config(config)
     if len(engine.action_names) != engine.num_actions:
@@ -285,7 +286,7 @@ class WorldModel:
         self.window, self.num_actions = dit.window, dit.action_dim
         self.game, self.action_names = "unknown", [str(i) for i in range(self.num_actions)]
         if not 0 <= warm_start < diffusion.NUM_TIMESTEPS:
-            raise ValueError(f"warm_start must be in 0..{diffusion.NUM_TIMESTEPS - 1}, found {warm_start}")
+            raise ValueError(f"--warm-start {warm_start}: must be in 0..{diffusion.NUM_TIMESTEPS - 1} (0: off)")
         self.warm_start = int(warm_start)
         self.ac = diffusion.alphas_cumprod_schedule().to(self.device)
         ts = diffusion.ddim_timesteps(steps, start=self.warm_start or diffusion.NUM_TIMESTEPS - 1)

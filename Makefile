@@ -51,14 +51,14 @@ data: $(VENV_OK)
 	$(RECORD) --agent random --episodes 16 --seed 20000 --out $(RANDOM)
 	$(RECORD) --agent tracker --epsilon 0.15 --episodes 6 --seed 90000 --out $(HELDOUT) --max-episode-frames 1500 --workers 1
 
-# The shipped model, trained on this repository's 2-core CPU machine, one core per run (about 11.5 hours):
+# The shipped model, trained on this repository's 2-core CPU machine, one core per run (about 12.5 hours):
 # the VAE (38 min), the DiT (100 min, 8 episodes of each set), its fine-tune with the random agent's
 # episodes added (70 min), a lighter decoder (50 min) for the frozen encoder, then 35 more minutes of
 # the DiT on the bundled VAE's latents (seed 1: the better of two such runs on the held-out set), then
 # 60 minutes with a clean context and the sampler's noise levels (issue #21), then 45 minutes of the decoder
 # with the score's digits in its loss, then the whole VAE 35 minutes with noise on its latents and the DiT
-# 30 + 105 minutes on the new latents, then 105 more on every recorded episode (issue #26; docs/experiments.md).
-# The last seven ran in bf16.
+# 30 + 105 minutes on the new latents, then 105 + 60 more on every recorded episode (issue #26; docs/experiments.md).
+# The last eight ran in bf16.
 VAE_DATA := data/pong_tracker_e25,data/pong_tracker_e10
 RESUME = $$(test -f $(1)/ckpt.pt && echo --resume)
 # Each run in bf16 on a CPU with AVX-512 BF16 or AMX (1.23-1.40x the steps a minute here; issue #25, docs/speed.md);
@@ -100,7 +100,10 @@ train-cpu: $(VENV_OK)
 	$(CPU_RUN) dit --precision $(PRECISION) --preset cpu --data $(DATA),$(RANDOM) --vae runs/vae_noise --init runs/dit_noise2 \
 		--out runs/dit_noise3 --lr 2e-4 --warmup 50 --max-minutes 105 --seed 5 \
 		--sample-every 0 --clean-context 1 --sampler-levels 0.5 $(call RESUME,runs/dit_noise3)
-	$(PY) bundle.py --dit runs/dit_noise3 --vae runs/vae_noise/ckpt.pt --out checkpoints
+	$(CPU_RUN) dit --precision $(PRECISION) --preset cpu --data $(DATA),$(RANDOM) --vae runs/vae_noise --init runs/dit_noise3 \
+		--out runs/dit_noise4 --lr 2e-4 --warmup 50 --max-minutes 60 --seed 6 \
+		--sample-every 0 --clean-context 1 --sampler-levels 0.5 $(call RESUME,runs/dit_noise4)
+	$(PY) bundle.py --dit runs/dit_noise4 --vae runs/vae_noise/ckpt.pt --out checkpoints
 
 # The same recipe with the gpu presets, on one GPU, from recorded data (make data first, on any machine):
 # about 7 minutes of training. Each stage resumes from its checkpoint if present. PY=python3 without .venv.

@@ -173,6 +173,11 @@ def to_float_frames(x):
     return x.movedim(-1, -3).float().div(127.5).sub(1.0)
 
 
+def to_uint8_frames(x):
+    """float (..., 3, H, W) in [-1, 1] (clamped) -> uint8 numpy (..., H, W, 3): to_float_frames' inverse."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
+
+
 def prev_actions(actions, num_actions):
     """What the DiT sees at frame j: recorded actions (B, T) -> one-hot of actions[j-1] (B, T, A).
 

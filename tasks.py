@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import diffusion
 import games
 import utils
-from dataset import EpisodeDataset, build_latent_cache, list_split, read_game, to_float_frames
+from dataset import EpisodeDataset, build_latent_cache, list_split, read_game, to_float_frames, to_uint8_frames
 from engine import WorldModel, load_vae
 
 
@@ -116,19 +116,18 @@ class VAETask:
 
     def weights(self, x):
         """(B, 1, H, W): each pixel's loss weight in frames x (B, 3, H, W): 1, + --fg-weight, + --ball-weight."""
-        w = 1.0 + self.cfg.fg_weight * self.foreground(x, self.background, self.changes).float()
+        w = 1.0 + self.cfg.fg_weight * self.foreground(x).float()
         if self.cfg.ball_weight:  # the ball is a few pixels: it can share a latent cell with a paddle or a wall
             import pong
 
-            frames = x.add(1).mul(127.5).round().byte().movedim(1, -1).cpu().numpy()
-            w = w + self.cfg.ball_weight * torch.from_numpy(pong.ball_mask(frames)).to(w.device)[:, None]
+            w = w + self.cfg.ball_weight * torch.from_numpy(pong.ball_mask(to_uint8_frames(x))).to(w.device)[:, None]
         return w
 
-    def foreground(self, x, bg, changes):
+    def foreground(self, x):
         """(B, 1, H, W) bool: the pixels --fg-weight weights in frames x (B, 3, H, W), see --fg-mask."""
-        fg = (x - bg).abs().amax(dim=1, keepdim=True) > 0.1
+        fg = (x - self.background).abs().amax(dim=1, keepdim=True) > 0.1
         if self.cfg.fg_mask == "colour":  # a score's digits are in the median frame too: mark them by colour
-            fg |= ((x - self.bg_colour).abs().amax(dim=1, keepdim=True) > 0.1) & changes
+            fg |= ((x - self.bg_colour).abs().amax(dim=1, keepdim=True) > 0.1) & self.changes
         return fg
 
     @torch.no_grad()
@@ -154,7 +153,7 @@ def vae_metrics(vae, ds, n=256, pong=False):
     idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).long().to(ds.device)
     real = ds.data[ds.starts[idx]]  # uint8 (n, H, W, 3): windows of one frame
     rec = torch.cat([vae.decode(vae.encode(to_float_frames(c)).mean) for c in real.split(64)])
-    rec = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(1, -1).cpu().numpy()
+    rec = to_uint8_frames(rec)
     real = real.cpu().numpy()
     out = {"psnr": float(utils.psnr(real, rec).mean()), "n": len(real)}
     if not pong:

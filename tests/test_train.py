@@ -617,8 +617,8 @@ def test_fg_mask_colour_marks_the_score_digits_and_not_the_walls(pong_600):
     task = VAETask(cfg, torch.device("cpu"), True)
     median = VAETask(dataclasses.replace(cfg, fg_mask="median"), torch.device("cpu"), True)
     x = task.train.sample(64, torch.Generator().manual_seed(0))["frames"][:, 0]  # (B, 3, 32, 32)
-    fg = task.foreground(x, task.background, task.changes)[:, 0]
-    fg_median = median.foreground(x, median.background, median.changes)[:, 0]
+    fg = task.foreground(x)[:, 0]
+    fg_median = median.foreground(x)[:, 0]
     rows = pong.strip_rows(32)
     drawn = (x - torch.tensor(pong.COLOR_BACKGROUND).view(3, 1, 1) / 127.5 + 1).abs().amax(1) > 0.1
     digits = drawn[:, :rows] & task.changes[0, :rows]
@@ -635,6 +635,7 @@ def test_ball_weight_weights_the_detected_balls_pixels_only(pong_600, tmp_path, 
     import dataclasses
 
     import pong
+    from dataset import to_uint8_frames
     from tasks import VAETask
     from train import VAEConfig
 
@@ -643,8 +644,7 @@ def test_ball_weight_weights_the_detected_balls_pixels_only(pong_600, tmp_path, 
     task = VAETask(dataclasses.replace(cfg, ball_weight=500.0), torch.device("cpu"), True)
     x = task.train.sample(64, torch.Generator().manual_seed(0))["frames"][:, 0]  # (B, 3, 32, 32)
     extra = (task.weights(x) - plain.weights(x))[:, 0]
-    frames = x.add(1).mul(127.5).round().byte().movedim(1, -1).numpy()
-    xy = pong.detect_objects(frames)["ball_xy"]
+    xy = pong.detect_objects(to_uint8_frames(x))["ball_xy"]
     has = ~np.isnan(xy[:, 0])
     assert 0 < has.sum() < len(x)  # balls and frames without one
     assert set(extra.unique().tolist()) <= {0.0, 500.0}

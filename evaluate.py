@@ -273,6 +273,7 @@ def main(cfg, argv=()):
             row |= {f"ar_{k}": ar.get(k) for k in ("psnr", "psnr_mean", "ball_presence", "ball_spurious")}
             row |= {f"ar_{k}": ar.get(k) for k in ("ball_error_first16_px", "ball_hit_rate")}
             row |= {f"ar_{k}": ar.get(k) for k in ("ball_presence_first16", "ball_spurious_first16")}
+            row["ar_served"] = ar.get("ball_serves", {}).get("generated_served")  # Pong: a ball again after a point
             rows.append(row | {"fps_batch1": fps_batch1(eng, eps, ar_pts[0], P, cfg.speed_frames)})
         sweeps[name] = rows
 

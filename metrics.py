@@ -154,11 +154,12 @@ f = lambda v, d=2: "n/a" if v is None else f"{v:.{d}f}"
 def report_vae(m):
     """The run's header and the VAE's line (all evaluate.py --vae-only prints)."""
     vae, ck, data = m["vae"], m["checkpoint"], m["data"]
-    head = f"{ck['path']} (step {ck['step']}) on {m['device']}, {m['precision']}: "
+    head = f"VAE {ck['vae']} on {m['device']}, {m['precision']}: "
     head += f"{data['episodes']} episodes, {data['frames']} frames"
     line, note = f"VAE recon.    PSNR {f(vae['psnr'])} dB  SSIM {f(vae['ssim'], 3)}", f"{vae['n']} frames"
     if "ball_presence" in vae:  # Pong
-        line += f"  ball kept {f(vae['ball_presence'], 3)}"
+        crowded = f(vae["ball_presence_crowded"], 3)
+        line += f"  ball kept {f(vae['ball_presence'], 3)} ({crowded} beside a paddle or wall)"
         line += f"  score read {f(vae['score_read_opponent'], 3)} / {f(vae['score_read_player'], 3)}"
         note = f"opponent / player; {note}"
     return f"{head}\n{line} ({note})"
@@ -202,6 +203,12 @@ def report(m, horizons):
                 f"  {key:<13} precision {f(s['precision'])} recall {f(s['recall'])} ({s['n_matched']} matched, "
                 f"{s['n_real']} real, {s['n_generated']} generated)"
             )
+        s = ar["ball_serves"]
+        out.append(
+            f"  serves        a ball again within 24 frames of a point: real {f(s['real_served'])} of {s['n_real']} "
+            f"(median {f(s['real_delay'], 0)} frames), generated {f(s['generated_served'])} of {s['n_generated']} "
+            f"(median {f(s['generated_delay'], 0)})"
+        )
     control = f"control       PSNR true - shuffled actions {f(ctl['psnr_gain_true_vs_shuffled'])} dB"
     if pong:
         control += (
@@ -211,14 +218,15 @@ def report(m, horizons):
     out.append(control)
     out.append(f"speed         {f(m['speed']['frames_per_s_batch1'], 1)} frames/s at batch 1 on {m['device']}")
     for name, rows in m["sweeps"].items():
-        head = "steps noise  tf dB tf err tf hit  ar dB  ball  spur. ball16 spur16  err16   hit   fps"
+        head = "steps noise  tf dB tf err tf hit  ar dB  ball  spur. ball16 spur16  err16   hit served   fps"
         out.append(f"sweep {name}: {head}")
         out += [
             f"{'':>{len(name) + 7}}{r['steps']:>5} {r['context_noise']:>5} {f(r['tf_psnr']):>6} "
             f"{f(r.get('tf_ball_error_px'), 1):>6} {f(r.get('tf_ball_hit_rate')):>6} "
             f"{f(r['ar_psnr_mean']):>6} {f(r.get('ar_ball_presence')):>5} {f(r.get('ar_ball_spurious')):>6} "
             f"{f(r.get('ar_ball_presence_first16')):>6} {f(r.get('ar_ball_spurious_first16')):>6} "
-            f"{f(r.get('ar_ball_error_first16_px'), 1):>6} {f(r.get('ar_ball_hit_rate')):>5} {f(r['fps_batch1'], 1):>5}"
+            f"{f(r.get('ar_ball_error_first16_px'), 1):>6} {f(r.get('ar_ball_hit_rate')):>5} "
+            f"{f(r.get('ar_served')):>6} {f(r['fps_batch1'], 1):>5}"
             for r in rows
         ]
     return "\n".join(out + [f"wrote {os.path.join(m['config']['out'], 'metrics.json')} and metrics.png"])

@@ -234,6 +234,24 @@ def ball_mask(frames, radius=2):
     return rows[:, :, None] & cols[:, None, :]
 
 
+def ball_crowded(frames, reach=3):
+    """(N,) bool: a ball is seen in uint8 (N, H, W, 3) frames and something else (a paddle, a wall) is drawn within
+    `reach` pixels of its centre: the balls a VAE merges into what shares their latent cell (issue #26, round 9).
+    What train.py vae --ball-oversample draws more often."""
+    xy = detect_objects(frames)["ball_xy"]
+    k = np.flatnonzero(~np.isnan(xy[:, 0]))
+    h, w = frames.shape[1:3]
+    d = np.arange(-reach, reach + 1)
+    rows = np.clip(np.round(xy[k, 1:]).astype(int) + d, 0, h - 1)  # (K, 2 reach + 1)
+    cols = np.clip(np.round(xy[k, :1]).astype(int) + d, 0, w - 1)
+    patch = frames[k[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.int16)  # (K, 2r+1, 2r+1, 3)
+    drawn = np.abs(patch - np.int16(COLOR_BACKGROUND)).max(-1) > 24
+    ball = (np.abs(d)[:, None] <= 1) & (np.abs(d)[None, :] <= 1)  # the ball's own pixels (at most 2 px at 96 px)
+    out = np.zeros(len(frames), bool)
+    out[k] = (drawn & ~ball).any((1, 2))
+    return out
+
+
 def count_returns(ball_x, width):
     """How often the ball's horizontal motion turns from rightward to leftward in the right quarter.
 
@@ -262,18 +280,25 @@ def count_returns(ball_x, width):
 # score half reads as the real one (read_score); "score_held" at step k: both halves read right, over
 # the rollouts whose real score has not changed by step k. On recorded episodes both detectors find
 # every recorded reward within +-2 frames and nothing else but the reset frame (tests/test_evaluate.py).
+# "ball_serves": after each point (a score event) with SERVE_WAIT frames of the rollout left, whether a ball is
+# seen again within them (the next serve), and after how many frames; for the real and the generated frames.
 
 SIDES = ("opponent", "player")  # read_score's halves, left and right
 EDGE, GONE, TOL = 0.15, 3, 2  # score events: edge band (share of width), frames gone, match tolerance
+SERVE_WAIT = 24  # frames: the real game serves the next ball 15-16 frames after a point
 HIT_PX = 4  # a generated ball within this many pixels of the real one is a hit
 # why a metric is null, by a fragment of its name in metrics.json (metrics.to_json)
 REASONS = [
     ("score_read", "no real frame shows a readable score"),
     ("score_held", "the real score changed (or is unreadable) in every rollout by this step"),
+    ("ball_presence_crowded", "no real frame shows a ball beside a paddle or a wall"),
     ("ball_presence", "no real frame shows a ball"),
     ("ball_spurious", "every real frame shows a ball"),
     ("precision", "no point is scored in the generated rollouts"),
     ("recall", "no point is scored in the real rollout windows"),
+    ("serves.real", "no real point with SERVE_WAIT frames of the rollout after it (or no serve after one)"),
+    ("serves.generated", "no generated point with SERVE_WAIT frames of the rollout after it (or no serve after one)"),
+    ("ar_served", "no generated point with SERVE_WAIT frames of the rollout after it"),
     ("_px", "the object is never seen in both the real and the generated frame (of a curve: at some steps)"),
     ("moves", "the player's paddle is not seen at the start and the end (or no start state has room to move)"),
     ("up_above_down", "the player's paddle is not seen at the end of both rollouts"),
@@ -297,6 +322,17 @@ def score_events(frames, det, digits=False):
         if seen[k - 1] and not seen[k : k + GONE].any() and not EDGE * W <= x[k - 1] <= (1 - EDGE) * W - 1:
             events.append((k, int(x[k - 1] < W / 2)))  # out on the left: the player scored
     return events
+
+
+def serve_delays(seen, events, wait=SERVE_WAIT):
+    """Frames from each point (score_events) to the next frame with a ball seen, NaN if none within `wait`;
+    only the points with `wait` frames after them in the sequence."""
+    out = []
+    for k, _ in events:
+        if k + wait < len(seen):
+            back = np.flatnonzero(seen[k : k + wait + 1])
+            out.append(back[0] if len(back) else np.nan)
+    return out
 
 
 def match_events(real, gen, tol=TOL):
@@ -330,6 +366,8 @@ def frame_metrics(real, gen):
     m = dict(ball_presence=presence, ball_spurious=share(dg["ball_present"], ~dr["ball_present"]))
     m |= dict(ball_hit_rate=share(err["ball"] <= HIT_PX, dr["ball_present"]))  # NaN (no ball drawn) is a miss
     m |= dict(ball_error_px=float(nanmean(err["ball"])), n_ball=int(dr["ball_present"].sum()))
+    crowded = ball_crowded(real)  # a paddle or a wall within 3 px: where a VAE loses its balls
+    m |= dict(ball_presence_crowded=share(dg["ball_present"], crowded), n_ball_crowded=int(crowded.sum()))
     return m | score_read(real, gen)
 
 
@@ -352,6 +390,7 @@ def rollout_metrics(real, gen, horizons):
     same = (sr == sr[:, :1]).all(-1) & (sr >= 0).all(-1)
     held = (sg == sr).all(-1)
     res["score_held"] = at([share(held[:, k], same[:, k]) for k in range(1, held.shape[1])])
+    delays = {"real": [], "generated": []}
     for name in ("score_events", "score_digits"):
         n_r = n_g = n_m = 0
         for i in range(len(real)):
@@ -360,8 +399,17 @@ def rollout_metrics(real, gen, horizons):
                 for fr, d in ((real, dr), (gen, dg))
             )
             n_r, n_g, n_m = n_r + len(ev_r), n_g + len(ev_g), n_m + match_events(ev_r, ev_g)
+            if name == "score_events":
+                delays["real"] += serve_delays(dr["ball_present"][i], ev_r)
+                delays["generated"] += serve_delays(dg["ball_present"][i], ev_g)
         ratio = lambda a, b: a / b if b else float("nan")
         res[name] = dict(precision=ratio(n_m, n_g), recall=ratio(n_m, n_r), n_real=n_r, n_generated=n_g, n_matched=n_m)
+    res["ball_serves"] = {}
+    for side, d in delays.items():
+        d = np.array(d, np.float64)
+        ok = ~np.isnan(d)
+        res["ball_serves"] |= {f"{side}_served": float(ok.mean()) if len(d) else float("nan"), f"n_{side}": len(d)}
+        res["ball_serves"][f"{side}_delay"] = float(np.median(d[ok])) if ok.any() else float("nan")
     return res
 
 

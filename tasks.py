@@ -22,6 +22,7 @@ import games
 import utils
 from dataset import EpisodeDataset, build_latent_cache, list_split, read_game, to_float_frames, to_uint8_frames
 from engine import WorldModel, load_vae
+from metrics import share
 
 
 def load_split(cfg):
@@ -57,12 +58,24 @@ class VAETask:
             utils.die("--decoder needs --decoder-only: a new decoder is trained against a frozen --init encoder")
         if cfg.latent_noise < 0:
             utils.die(f"--latent-noise must be at least 0, found {cfg.latent_noise}")
-        if cfg.ball_weight and self.game != "pong":
-            utils.die(f"--ball-weight: the ball detector is Pong's; these data are {self.game}'s")
+        for flag in ("ball_weight", "ball_oversample"):
+            if getattr(cfg, flag) and self.game != "pong":
+                utils.die(f"--{flag.replace('_', '-')}: the ball detector is Pong's; these data are {self.game}'s")
+        if not 0 <= cfg.ball_oversample < 1:
+            utils.die(f"--ball-oversample {cfg.ball_oversample}: must be a share in 0..1 (1 excluded)")
         if cfg.decoder and cfg.decoder not in DECODER_CONFIGS:
             utils.die(f"--decoder {cfg.decoder!r}: choose from {sorted(DECODER_CONFIGS)}")
         self.train = windows(train_files, 1, device, num_actions=len(names))
         self.val = windows(val_files or train_files[:1], 1, device, num_actions=len(names))
+        if cfg.ball_oversample:  # windows of one frame: window i is frame i
+            import pong
+
+            crowded = np.flatnonzero(pong.ball_crowded(self.train.data.cpu().numpy()))
+            if not len(crowded):
+                utils.die("--ball-oversample: no training frame has a ball beside a paddle or a wall")
+            self.crowded = torch.from_numpy(crowded).to(device)
+            if master:
+                print(f"--ball-oversample: {len(crowded)} of {len(self.train)} training frames have a crowded ball")
         # The static background: the per-pixel median over a sample of training frames.
         g = torch.Generator().manual_seed(0)
         sample = self.train.sample(min(512, len(self.train)), g)["frames"][:, 0]  # (n, 3, H, W)
@@ -97,7 +110,7 @@ class VAETask:
         self.cfg, self.device = cfg, device
 
     def loss(self, model, gen):
-        x = self.train.sample(self.cfg.batch_size, gen)["frames"][:, 0]  # (B, 3, H, W)
+        x = self.batch(gen)  # (B, 3, H, W)
         w = self.weights(x)
         if self.cfg.crop:  # a convolutional VAE learns from crops; aligned to the latent grid
             c, size = self.cfg.crop, x.shape[-1]
@@ -113,6 +126,16 @@ class VAETask:
         rec_loss = (w * (err.abs() + err.square())).mean() / w.mean()
         kl = post.kl().mean() / x[0].numel()
         return rec_loss + self.cfg.kl_weight * kl, {"rec": rec_loss.detach(), "kl": kl.detach()}
+
+    def batch(self, gen):
+        """A batch of single frames, uniformly drawn; --ball-oversample: that share of it from the crowded balls."""
+        B = self.cfg.batch_size
+        if not self.cfg.ball_oversample:
+            return self.train.sample(B, gen)["frames"][:, 0]
+        k = round(self.cfg.ball_oversample * B)
+        pick = self.crowded[torch.randint(len(self.crowded), (k,), generator=gen, device=gen.device).to(self.device)]
+        rest = torch.randint(len(self.train), (B - k,), generator=gen, device=gen.device).to(self.device)
+        return self.train.batch(torch.cat([pick, rest]))["frames"][:, 0]
 
     def weights(self, x):
         """(B, 1, H, W): each pixel's loss weight in frames x (B, 3, H, W): 1, + --fg-weight, + --ball-weight."""
@@ -161,9 +184,10 @@ def vae_metrics(vae, ds, n=256, pong=False):
     import pong as game
 
     d_real, d_rec = game.detect_objects(real), game.detect_objects(rec)
-    has = d_real["ball_present"]
-    kept = float((d_rec["ball_present"][has]).mean()) if has.any() else float("nan")
-    return out | {"ball_kept": kept, "n_ball": int(has.sum())} | game.score_read(real, rec)
+    kept, has = d_rec["ball_present"], d_real["ball_present"]
+    crowded = game.ball_crowded(real)  # a paddle or a wall beside the ball: where the lost balls are
+    out |= {"ball_kept": share(kept, has), "n_ball": int(has.sum()), "ball_kept_crowded": share(kept, crowded)}
+    return out | game.score_read(real, rec)
 
 
 @torch.no_grad()

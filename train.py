@@ -95,6 +95,11 @@ class VAEConfig(TrainConfig):
     ball_weight: float = arg(
         0.0, "Pong: extra loss weight on the pixels around the detected ball (pong.ball_mask), on top of --fg-weight"
     )
+    ball_oversample: float = arg(
+        0.0,
+        "Pong: share of each batch drawn from the frames with something drawn within 3 px of the ball "
+        "(pong.ball_crowded: where the VAE loses balls)",
+    )
     decoder_only: bool = arg(False, "with --init, train only the decoder: the latents (and a DiT on them) stay valid")
     decoder: str = arg("", "with --decoder-only, a new decoder of this uvit_vae.DECODER_CONFIGS size")
     latent_noise: float = arg(

@@ -111,3 +111,30 @@ def test_haze_neither_moves_nor_makes_a_ball(played):
     far = np.abs(ref["ball_xy"][:, 1] - 44) > 10  # haze away from the ball
     assert far.sum() > 5 and got["ball_present"][far].all()
     assert np.abs(got["ball_xy"][far] - ref["ball_xy"][far]).max() < 0.01
+
+
+def drawn_field(ball=None, paddle_y=None):
+    """A raw frame: the walls, the player's paddle at its columns (140-143) from row paddle_y, a 2x4 ball at (x, y)."""
+    raw = np.empty((210, 160, 3), np.uint8)
+    raw[:] = pong.COLOR_BACKGROUND
+    raw[24:FIELD_TOP] = raw[FIELD_BOTTOM:] = COLOR_BALL  # the walls are the ball's white
+    if paddle_y is not None:
+        raw[paddle_y : paddle_y + 16, 140:144] = COLOR_PLAYER
+    if ball is not None:
+        raw[ball[1] : ball[1] + 4, ball[0] : ball[0] + 2] = COLOR_BALL
+    return raw
+
+
+def test_ball_crowded_marks_a_ball_beside_a_paddle_or_a_wall():
+    """pong.ball_crowded (what train.py vae --ball-oversample draws more often): within 3 px of the ball at 96 px."""
+    cases = {
+        "mid-field": (drawn_field((80, 110), 60), False),
+        "1 raw px from the paddle": (drawn_field((137, 110), 104), True),
+        "under the top wall": (drawn_field((80, 35), 60), True),
+        "10 raw px (6 px) from the paddle": (drawn_field((128, 110), 104), False),
+        "no ball": (drawn_field(None, 104), False),
+    }
+    frames = np.stack([resize_frame(f, 96) for f, _ in cases.values()])
+    assert detect_objects(frames)["ball_present"].tolist() == [True] * 4 + [False]
+    assert pong.ball_crowded(frames).tolist() == [crowded for _, crowded in cases.values()]
+    assert pong.ball_crowded(frames, reach=7)[3]  # a wider reach takes the paddle 6 px away in

@@ -95,6 +95,26 @@ def test_score_detectors_find_the_recorded_points(heldout):
     assert n_points >= 2, "the recording should contain points; change its seed"
 
 
+def test_serves_follow_every_real_point_and_no_frozen_one(heldout):
+    """ball_serves: on real frames the next ball comes 15-17 frames after every point (the game's fixed delay);
+    a rollout that freezes the empty field after a point never serves; a point too late to judge is skipped."""
+    n = 0
+    for ep in heldout["eps"]:
+        frames = ep["frames"][1:]  # frames[0] is the reset screen
+        det = pong.detect_objects(frames)
+        events = pong.score_events(frames, det)
+        delays = pong.serve_delays(det["ball_present"], events)
+        assert len(delays) == sum(k + pong.SERVE_WAIT < len(frames) for k, _ in events)
+        assert all(15 <= d <= 17 for d in delays), delays  # 17: a 32 px frame can miss the ball's first frame
+        n += len(delays)
+        if delays:
+            k = events[0][0]
+            frozen = np.concatenate([frames[:k], np.repeat(frames[k : k + 1], len(frames) - k, 0)])
+            seen = pong.detect_objects(frozen)["ball_present"]
+            assert np.isnan(pong.serve_delays(seen, events[:1])[0])
+    assert n >= 1, "the recording should contain a point with 24 frames after it; change its seed"
+
+
 class Oracle:
     """A perfect world model of the recorded episodes: checks what it is given, answers with the real frames.
 
@@ -136,6 +156,8 @@ def test_perfect_model_scores_perfectly(heldout, prompt):
         assert s["n_real"] > 0 and s["n_real"] == s["n_generated"] == s["n_matched"], (key, s)
     assert m["ball_hit_rate"] == m["ball_hit_rate_first16"] == m["ball_presence_first16"] == 1.0
     assert m["ball_spurious_first16"] == 0.0
+    serves = m["ball_serves"]
+    assert serves["n_real"] == serves["n_generated"] and serves["real_delay"] == serves["generated_delay"]
     assert m["score_held"] and all(v == 1.0 for v in m["score_held"].values()), m["score_held"]
 
 
@@ -229,7 +251,9 @@ def test_vae_only_measures_the_decoder_and_nothing_else(heldout, tmp_path):
             "--quick", "--vae-only")  # fmt: skip
     m = json.loads((tmp_path / "v" / "metrics.json").read_text())
     assert "teacher_forced" not in m and "autoregressive" not in m and not (tmp_path / "v" / "metrics.png").exists()
-    assert {"score_read_opponent", "score_read_player", "psnr", "ball_presence"} <= set(m["vae"])
+    keys = {"score_read_opponent", "score_read_player", "psnr", "ball_presence", "ball_presence_crowded"}
+    assert keys <= set(m["vae"])
+    assert p.stdout.startswith(f"VAE {heldout['vae']}")  # the report names the VAE it measured
     auto = utils.pick_precision("auto", "cpu", auto_cpu=evaluate.engines.AUTO_CPU_BF16)  # bf16 on this CPU
     assert m["precision"] == auto and m["counts"] == {"vae_frames": 16} and "score read" in p.stdout
 

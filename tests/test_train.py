@@ -662,3 +662,26 @@ def test_ball_weight_weights_the_detected_balls_pixels_only(pong_600, tmp_path, 
     with pytest.raises(SystemExit):
         VAETask(dataclasses.replace(cfg, data=other, ball_weight=500.0), torch.device("cpu"), True)
     assert "--ball-weight" in capsys.readouterr().err
+
+
+def test_ball_oversample_draws_that_share_of_the_batch_from_crowded_balls(pong_600, capsys):
+    """--ball-oversample F (issue #26): the first round(F * B) frames of a batch have a ball with a paddle or a wall
+    within 3 px (pong.ball_crowded), the rest are drawn as without it; a share outside 0..1 is refused."""
+    import dataclasses
+
+    import pong
+    from dataset import to_uint8_frames
+    from tasks import VAETask
+    from train import VAEConfig
+
+    cfg = VAEConfig(data=pong_600, model="tiny", val_fraction=0.0, batch_size=64)
+    crowded = lambda task: pong.ball_crowded(to_uint8_frames(task.batch(torch.Generator().manual_seed(0))))
+    plain = crowded(VAETask(cfg, torch.device("cpu"), True))
+    task = VAETask(dataclasses.replace(cfg, ball_oversample=0.75), torch.device("cpu"), True)
+    assert "training frames have a crowded ball" in capsys.readouterr().out
+    drawn = crowded(task)
+    assert drawn[:48].all() and plain.mean() < 0.4  # without the flag most frames have no crowded ball (23%)
+    assert drawn[48:].mean() < 0.4
+    with pytest.raises(SystemExit):
+        VAETask(dataclasses.replace(cfg, ball_oversample=1.0), torch.device("cpu"), True)
+    assert "--ball-oversample 1.0: must be a share" in capsys.readouterr().err

@@ -205,9 +205,9 @@ def report(m, horizons):
             )
         s = ar["ball_serves"]
         out.append(
-            f"  serves        a ball again within 24 frames of a point: real {f(s['real_served'])} of {s['n_real']} "
-            f"(median {f(s['real_delay'], 0)} frames), generated {f(s['generated_served'])} of {s['n_generated']} "
-            f"(median {f(s['generated_delay'], 0)})"
+            f"  serves        a ball again within {s['wait']} frames of a point: real {f(s['real_served'])} of "
+            f"{s['n_real']} (median {f(s['real_delay'], 0)} frames), generated {f(s['generated_served'])} of "
+            f"{s['n_generated']} (median {f(s['generated_delay'], 0)})"
         )
     control = f"control       PSNR true - shuffled actions {f(ctl['psnr_gain_true_vs_shuffled'])} dB"
     if pong:

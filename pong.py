@@ -236,7 +236,7 @@ def ball_mask(frames, radius=2):
 
 def ball_crowded(frames, reach=3):
     """(N,) bool: a ball is seen in uint8 (N, H, W, 3) frames and something else (a paddle, a wall) is drawn within
-    `reach` pixels of its centre: the balls a VAE merges into what shares their latent cell (issue #26, round 9).
+    `reach` pixels of its centre: the balls a VAE merges into what shares their latent cell (issue #26, round 10).
     What train.py vae --ball-oversample draws more often."""
     xy = detect_objects(frames)["ball_xy"]
     k = np.flatnonzero(~np.isnan(xy[:, 0]))
@@ -404,7 +404,7 @@ def rollout_metrics(real, gen, horizons):
                 delays["generated"] += serve_delays(dg["ball_present"][i], ev_g)
         ratio = lambda a, b: a / b if b else float("nan")
         res[name] = dict(precision=ratio(n_m, n_g), recall=ratio(n_m, n_r), n_real=n_r, n_generated=n_g, n_matched=n_m)
-    res["ball_serves"] = {}
+    res["ball_serves"] = {"wait": SERVE_WAIT}
     for side, d in delays.items():
         d = np.array(d, np.float64)
         ok = ~np.isnan(d)

@@ -22,7 +22,6 @@ import games
 import utils
 from dataset import EpisodeDataset, build_latent_cache, list_split, read_game, to_float_frames, to_uint8_frames
 from engine import WorldModel, load_vae
-from metrics import share
 
 
 def load_split(cfg):
@@ -183,11 +182,9 @@ def vae_metrics(vae, ds, n=256, pong=False):
         return out
     import pong as game
 
-    d_real, d_rec = game.detect_objects(real), game.detect_objects(rec)
-    kept, has = d_rec["ball_present"], d_real["ball_present"]
-    crowded = game.ball_crowded(real)  # a paddle or a wall beside the ball: where the lost balls are
-    out |= {"ball_kept": share(kept, has), "n_ball": int(has.sum()), "ball_kept_crowded": share(kept, crowded)}
-    return out | game.score_read(real, rec)
+    m = game.frame_metrics(real, rec)  # the crowded balls: a paddle or a wall beside them, where the lost ones are
+    out |= {"ball_kept": m["ball_presence"], "n_ball": m["n_ball"], "ball_kept_crowded": m["ball_presence_crowded"]}
+    return out | {k: v for k, v in m.items() if k.startswith("score_read")}
 
 
 @torch.no_grad()
